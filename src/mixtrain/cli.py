@@ -1,0 +1,202 @@
+"""Command line: ``mixtrain train | demo | bench | report``. Parses options, calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from .errors import MixtrainError
+
+METHODS = "baseline, mixtrain, cutmix, mixup"
+
+
+def _bool(s: str) -> bool:
+    v = s.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {s!r}")
+
+
+def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
+    """Options shared by ``train`` and ``bench`` (``bench`` takes lists for epochs/methods/seeds)."""
+    from .data import DATA_HELP
+    from .models import MODEL_HELP
+    from .strategies import MixOptions
+    from .trainer import TrainConfig
+
+    d = TrainConfig()
+    m = MixOptions()
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default=d.data, help=f"dataset: {DATA_HELP}")
+    g.add_argument("--model", default=d.model, help=f"model: auto (digitnet for digits, resnet18 otherwise), {MODEL_HELP}")
+    if not multi:
+        g.add_argument("--method", default=d.method, help=f"training method: {METHODS}")
+        g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (passes over the training set)")
+        g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, plans and augmentation")
+        g.add_argument("--out", default=d.out, help="output folder: config.json, metrics.json, checkpoint.pt, logs")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images (passes) per step, per process")
+    g.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu or cuda")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (SGD, one-cycle schedule in samples seen)")
+    o.add_argument("--warmup", type=float, default=d.warmup, help="fraction of all samples over which the LR rises from 0 to its peak")
+    o.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    o.add_argument("--nesterov", type=_bool, default=d.nesterov, metavar="on|off", help="Nesterov momentum")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (not on biases and norm weights)")
+    o.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the cross-entropy")
+    o.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    o.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off", help="channels-last memory layout on CUDA")
+    o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a = p.add_argument_group("data handling")
+    a.add_argument("--image-size", type=int, default=d.image_size, help="folder data: training resolution (0: 224)")
+    a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: image size / 8; 0 for folders)")
+    a.add_argument("--flip", default=d.flip, help="random horizontal flip: auto (off for digits), on, off")
+    a.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers for folder data")
+    x = p.add_argument_group("mixing (mixtrain, cutmix, mixup)")
+    x.add_argument("--warmup-epochs", type=int, default=m.warmup_epochs, help="first epochs trained unmixed (the loss memory fills)")
+    x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed")
+    x.add_argument("--mix-rule", default=m.rule, help="which samples are mixed: auto (classified right with p(true) >= --confidence), threshold (loss < --mix-threshold), fraction (lowest-loss --mix-fraction), all")
+    x.add_argument("--confidence", type=float, default=m.confidence, help="auto rule: true-class probability a sample needs in its last pass to be mixed")
+    x.add_argument("--mix-threshold", type=float, default=m.threshold, help="threshold rule: mix samples whose last loss is below this")
+    x.add_argument("--mix-fraction", type=float, default=m.fraction, help="fraction rule: mix this fraction of the lowest-loss samples")
+    x.add_argument("--quad-confidence", type=float, default=m.quad_confidence, help="> 0: samples with p(true) >= this are mixed four to an image (2x2 grid)")
+    x.add_argument("--mix-ratio", default=m.ratio, help="adaptive (area share from previous losses: the harder sample gets more) or fixed (1/2)")
+    x.add_argument("--min-share", type=float, default=m.min_share, help="each constituent's area share is clipped to [min, 1-min]")
+    x.add_argument("--pairing", default=m.pairing, help="random, or easy-hard (easiest mixable with hardest mixable)")
+    x.add_argument("--pair-resize", type=_bool, default=m.pair_resize, metavar="on|off", help="downscale pair constituents into their region instead of cropping")
+    x.add_argument("--quad-resize", type=_bool, default=m.quad_resize, metavar="on|off", help="downscale quad constituents into their quadrant instead of cropping")
+    r = p.add_argument_group("logging and checkpoints")
+    r.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: at the end only; never timed)")
+    r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for evaluation")
+    r.add_argument("--progress", default=d.progress, help="auto (bar on a terminal, one line per epoch otherwise), bar, line, none")
+    r.add_argument("--csv", action="store_true", help="write a per-epoch log to OUT/log.csv")
+    r.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to OUT/tb")
+    if not multi:
+        r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: at epoch ends only)")
+        r.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    r.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact repeats on the CPU)")
+
+
+def config_from_args(args, **override):
+    from .strategies import MixOptions
+    from .trainer import TrainConfig
+
+    mix = MixOptions(
+        warmup_epochs=args.warmup_epochs,
+        final_unmixed_epochs=args.final_unmixed_epochs,
+        rule=args.mix_rule,
+        confidence=args.confidence,
+        threshold=args.mix_threshold,
+        fraction=args.mix_fraction,
+        quad_confidence=args.quad_confidence,
+        ratio=args.mix_ratio,
+        min_share=args.min_share,
+        pairing=args.pairing,
+        pair_resize=args.pair_resize,
+        quad_resize=args.quad_resize,
+    )
+    names = {f.name for f in fields(TrainConfig)} - {"mix"}
+    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    values.update(override)
+    return TrainConfig(mix=mix, **values)
+
+
+def cmd_train(args):
+    from .trainer import train
+
+    m = train(config_from_args(args))
+    print(
+        f"{m['method']}: {m['passes']:,} passes for {m['samples']:,} samples ({m['pass_speedup']:.2f}x), "
+        f"{m['train_seconds']:.1f} s training, test accuracy {m['test_accuracy']:.4f} -> {os.path.join(args.out, 'metrics.json')}"
+    )
+
+
+def cmd_demo(args):
+    from .trainer import TrainConfig, train
+
+    rows = []
+    for method in args.methods.split(","):
+        cfg = TrainConfig(
+            data="digits",
+            method=method,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            out=os.path.join(args.out, method),
+            progress="none",
+            save_checkpoints=False,
+        )
+        print(f"training {method} on digits ({args.epochs} epochs, {cfg.device})...", flush=True)
+        m = train(cfg)
+        rows.append(m)
+    base = rows[0]
+    print()
+    print(f"{'method':<10} {'passes':>8} {'samples':>8} {'fewer passes':>13} {'time (s)':>9} {'test acc':>9}")
+    for m in rows:
+        fewer = 1 - m["passes"] / base["passes"]
+        print(f"{m['method']:<10} {m['passes']:>8,} {m['samples']:>8,} {fewer:>12.0%} {m['train_seconds']:>9.1f} {m['test_accuracy']:>9.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="mixtrain",
+        description="Faster image-classifier training by input mixing (MixTrain).",
+        formatter_class=fmt,
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one configuration and write OUT/metrics.json", formatter_class=fmt,
+                       description="Train one model with one method; writes config.json, metrics.json and checkpoint.pt to --out.")
+    add_train_options(t)
+    t.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (about two minutes)",
+                       formatter_class=fmt, description="Train a small CNN on scikit-learn's digits with each method and print a table.")
+    d.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
+    d.add_argument("--epochs", type=int, default=30, help="epochs per method")
+    d.add_argument("--batch-size", type=int, default=64, help="images per step")
+    d.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    d.add_argument("--seed", type=int, default=0, help="seed")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    d.add_argument("--out", default="runs/demo", help="output folder (one subfolder per method)")
+    d.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from .bench import add_bench_commands
+
+        add_bench_commands(sub, fmt)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except MixtrainError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

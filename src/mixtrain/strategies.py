@@ -1,0 +1,263 @@
+"""Training strategies: how a method changes what each step trains on and how its loss is computed.
+
+The whole interface is here. A strategy
+
+* plans each epoch (:meth:`Strategy.plan_epoch`): a table of items, each one pass carrying one or
+  more samples in regions (see :mod:`mixtrain.plan`);
+* says how the model pools and how the loss is formed: ``separate`` strategies pool each
+  constituent's region and give it its own prediction and hard-label loss; the others pool the
+  whole composite and train it against a soft label (naive CutMix / MixUp);
+* observes each step's per-sample losses (:meth:`Strategy.observe`) -- the loss memory.
+
+The baseline is the same loop with a plan that mixes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import plan as P
+from .errors import MixtrainError
+from .memory import LossMemory
+
+
+@dataclass
+class MixOptions:
+    """Options of the mixing strategies (every default is visible in ``--help`` and the config)."""
+
+    warmup_epochs: int = 1  # first epochs unmixed, so the loss memory fills
+    final_unmixed_epochs: int = 0  # last epochs unmixed
+    rule: str = "auto"  # auto | threshold | fraction | all
+    confidence: float = 0.75  # auto: mix a sample last classified right with p(true) >= this
+    threshold: float = 0.3  # threshold: mix a sample whose last loss < this
+    fraction: float = 0.5  # fraction: mix this fraction of lowest-loss samples
+    quad_confidence: float = 0.0  # > 0: samples with p(true) >= this go four to an image (2x2)
+    ratio: str = "adaptive"  # adaptive (harder sample gets more area) | fixed (1/2)
+    min_share: float = 0.25  # clip each constituent's area share to [min_share, 1 - min_share]
+    pairing: str = "random"  # random | easy-hard
+    pair_resize: bool = False  # downscale pair constituents into their region instead of cropping
+    quad_resize: bool = True  # downscale quad constituents into their quadrant instead of cropping
+
+    def check(self):
+        if self.rule not in ("auto", "threshold", "fraction", "all"):
+            raise MixtrainError(f"unknown mix rule {self.rule!r} (auto, threshold, fraction, all)")
+        if self.ratio not in ("adaptive", "fixed"):
+            raise MixtrainError(f"unknown mix ratio {self.ratio!r} (adaptive, fixed)")
+        if self.pairing not in ("random", "easy-hard"):
+            raise MixtrainError(f"unknown pairing {self.pairing!r} (random, easy-hard)")
+        if not 0.0 < self.min_share <= 0.5:
+            raise MixtrainError(f"min share must be in (0, 0.5], got {self.min_share}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise MixtrainError(f"mix fraction must be in [0, 1], got {self.fraction}")
+        if self.warmup_epochs < 0 or self.final_unmixed_epochs < 0:
+            raise MixtrainError("warm-up and final unmixed epochs must be >= 0")
+
+
+class Strategy:
+    """Base class; the baseline. Subclasses override :meth:`plan_epoch` and the flags."""
+
+    name = "baseline"
+    slots = 1  # K: constituents an item can carry
+    separate = True  # per-region pooling + per-constituent hard-label loss
+    blend = False  # pixels blended over the whole image (MixUp) instead of exclusive regions
+
+    def __init__(self, num_samples: int, grid: tuple[int, int], num_epochs: int, device="cpu"):
+        self.num_samples = int(num_samples)
+        self.grid = tuple(grid)
+        self.num_epochs = int(num_epochs)
+        self.device = device
+
+    def mixing(self, epoch: int) -> bool:
+        return False
+
+    def plan_epoch(self, epoch: int, rng: np.random.Generator) -> P.EpochPlan:
+        ids = rng.permutation(self.num_samples)
+        return P.singles(ids, self.slots, self.grid)
+
+    def observe(self, index, valid, loss, correct):
+        """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
+
+    def end_epoch(self, distributed: bool = False):
+        """Per-epoch hook after the last step (e.g. merge the ranks' loss memories)."""
+
+    def options(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+Baseline = Strategy
+
+
+class _Mixing(Strategy):
+    """Shared schedule of the mixing strategies: warm-up and final epochs unmixed."""
+
+    slots = 2
+
+    def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
+        super().__init__(num_samples, grid, num_epochs, device)
+        self.opts = opts or MixOptions()
+        self.opts.check()
+        P.check_grid_can_mix(self.grid)
+
+    def mixing(self, epoch: int) -> bool:
+        o = self.opts
+        return o.warmup_epochs <= epoch < self.num_epochs - o.final_unmixed_epochs
+
+    def options(self) -> dict:
+        return asdict(self.opts)
+
+    def _random_pairs(self, ids, rng):
+        ids = rng.permutation(ids)
+        half = len(ids) // 2
+        return ids[:half], ids[half : 2 * half], ids[2 * half :]
+
+
+class CutMix(_Mixing):
+    """Naive mixing, CutMix-style: pair every sample, pool globally, area-weighted soft label."""
+
+    name = "cutmix"
+    separate = False
+
+    def plan_epoch(self, epoch, rng):
+        if not self.mixing(epoch):
+            return super().plan_epoch(epoch, rng)
+        a, b, rest = self._random_pairs(np.arange(self.num_samples), rng)
+        axis = rng.integers(0, 2, len(a))
+        share = rng.uniform(self.opts.min_share, 1 - self.opts.min_share, len(a))
+        items = [P.pairs(a, b, share, axis, self.slots, self.grid, self.opts.min_share)]
+        items.append(P.singles(rest, self.slots, self.grid))
+        plan = P.EpochPlan.concat(items)
+        return plan.take(rng.permutation(plan.items))
+
+
+class MixUp(_Mixing):
+    """Naive mixing, MixUp-style: pair every sample, blend the images, soft label."""
+
+    name = "mixup"
+    separate = False
+    blend = True
+
+    def plan_epoch(self, epoch, rng):
+        if not self.mixing(epoch):
+            return super().plan_epoch(epoch, rng)
+        a, b, rest = self._random_pairs(np.arange(self.num_samples), rng)
+        lam = rng.uniform(0.0, 1.0, len(a)).astype(np.float32)
+        plan = P.EpochPlan.concat([P.blends(a, b, lam, self.slots, self.grid), P.singles(rest, self.slots, self.grid)])
+        return plan.take(rng.permutation(plan.items))
+
+
+def choose_mixed(loss: np.ndarray, correct: np.ndarray, opts: MixOptions) -> np.ndarray:
+    """Which samples are well learned enough to be mixed this epoch (bool per sample).
+
+    Samples never seen (NaN loss) are never mixed, except under rule ``all``.
+    """
+    seen = ~np.isnan(loss)
+    if opts.rule == "all":
+        return np.ones_like(seen)
+    if opts.rule == "auto":
+        # classified right, with the true class at probability >= confidence: exp(-loss) = p(true)
+        return seen & correct & (loss <= -math.log(opts.confidence))
+    if opts.rule == "threshold":
+        return seen & (loss < opts.threshold)
+    # fraction: the lowest-loss part of the seen samples
+    order = np.argsort(np.where(seen, loss, np.inf), kind="stable")
+    m = min(int(round(opts.fraction * len(loss))), int(seen.sum()))
+    out = np.zeros(len(loss), bool)
+    out[order[:m]] = True
+    return out
+
+
+def adaptive_share(la: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """Area share of a: l_a / (l_a + l_b) -- the harder sample gets more; 1/2 when unknown."""
+    total = la + lb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, la / total, 0.5)
+    return np.where(np.isnan(share), 0.5, share)
+
+
+class MixTrain(_Mixing):
+    """The MixTrain method: separated loss, adaptive ratio, loss-based choice of what is mixed.
+
+    Usable in any training loop: call :meth:`plan_epoch` at the start of each epoch and
+    :meth:`observe` after each step with the per-sample losses (see the README).
+    """
+
+    name = "mixtrain"
+
+    def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
+        super().__init__(num_samples, grid, num_epochs, device, opts)
+        if self.opts.quad_confidence > 0:
+            P.check_grid_can_mix(self.grid, quads_too=True)
+            self.slots = 4
+        self.memory = LossMemory(num_samples, device)
+
+    def plan_epoch(self, epoch, rng):
+        n = self.num_samples
+        if not self.mixing(epoch):
+            return super().plan_epoch(epoch, rng)
+        o = self.opts
+        loss, correct = self.memory.snapshot()
+        mixable = choose_mixed(loss, correct, o)
+        items = []
+        if o.quad_confidence > 0:
+            quadable = mixable & correct & (loss <= -math.log(o.quad_confidence))
+            q = rng.permutation(np.flatnonzero(quadable))
+            nq = len(q) // 4
+            if nq:
+                items.append(P.quads(q[: 4 * nq].reshape(nq, 4), self.slots, self.grid, o.quad_resize))
+            mixable = mixable.copy()
+            mixable[q[: 4 * nq]] = False
+        pool = np.flatnonzero(mixable)
+        if o.pairing == "easy-hard":
+            order = pool[np.argsort(np.nan_to_num(loss[pool], nan=0.0), kind="stable")]
+            half = len(order) // 2
+            a, b = order[:half], order[len(order) - half :][::-1]
+            rest = order[half : len(order) - half]
+        else:
+            a, b, rest = self._random_pairs(pool, rng)
+        if o.ratio == "adaptive":
+            share = adaptive_share(loss[a], loss[b])
+        else:
+            share = np.full(len(a), 0.5)
+        axis = rng.integers(0, 2, len(a))
+        items.append(P.pairs(a, b, share, axis, self.slots, self.grid, o.min_share, o.pair_resize))
+        alone = np.ones(n, bool)
+        for it in items:
+            alone[it.index[it.valid]] = False
+        items.append(P.singles(np.flatnonzero(alone), self.slots, self.grid))
+        plan = P.EpochPlan.concat(items)
+        return plan.take(rng.permutation(plan.items))
+
+    def observe(self, index, valid, loss, correct):
+        self.memory.update(index, valid, loss, correct)
+
+    def end_epoch(self, distributed: bool = False):
+        if distributed:
+            self.memory.all_reduce()
+
+    def state_dict(self):
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state):
+        self.memory.load_state_dict(state["memory"])
+
+
+STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mixup": MixUp}
+
+
+def create_strategy(method: str, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None) -> Strategy:
+    if method not in STRATEGIES:
+        raise MixtrainError(f"unknown method {method!r}; choose from {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[method]
+    if cls is Baseline:
+        return Baseline(num_samples, grid, num_epochs, device)
+    return cls(num_samples, grid, num_epochs, device, opts)
