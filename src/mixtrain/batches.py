@@ -1,8 +1,9 @@
 """Fixed-size batches of plan items, resident on the training device.
 
-An epoch's plan is padded to whole batches and moved to the device in one copy; each
-:class:`Batch` is then a set of slices of those tensors, so a step never changes shape and never
-waits for the host.
+An epoch's plan is padded to whole batches and moved to the device in one copy; the layout of
+every item (sampling transform, region weights, pooling weights) is computed there for the whole
+epoch in a few large operations. Each :class:`Batch` is then a set of slices, so a step never
+changes shape, never waits for the host, and launches only the work that touches pixels.
 """
 
 from __future__ import annotations
@@ -12,46 +13,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compose import Augment, Normalizer, compose, pool_masks
+from .compose import Augment, Geometry, Normalizer, compose_from, geometry
 from .plan import EpochPlan
 
 
 @dataclass
 class Batch:
     index: torch.Tensor  # [B, K] sample ids
-    valid: torch.Tensor  # [B, K] bool
-    box: torch.Tensor  # [B, K, 4] grid cells
-    resize: torch.Tensor  # [B, K] bool
-    share: torch.Tensor  # [B, K] float
-    rand: torch.Tensor  # [B, K, 5] uniform draws for augmentation
-    grid: tuple[int, int]
+    valid: torch.Tensor  # [B, K] bool: the slot carries a sample to train on
+    share: torch.Tensor  # [B, K] share of the composite (soft-label weight)
+    geo: Geometry  # per-slot sampling transforms, region and pooling weights
     samples: int  # samples this batch carries (host int, known from the plan)
+    single: bool  # every item is one whole image (K = 1, no blending)
 
-    def compose(
-        self,
-        images: torch.Tensor,
-        normalize: Normalizer,
-        augment: Augment = Augment(),
-        blend: bool = False,
-        src: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The batch's images ``[B, C, H, W]`` from uint8 ``images`` indexed by sample id (or ``src``)."""
-        return compose(
-            images,
-            self.index if src is None else src,
-            self.box,
-            self.resize,
-            self.share,
-            self.rand,
-            self.grid,
-            normalize,
-            augment,
-            blend,
-        )
+    def compose(self, images: torch.Tensor, normalize: Normalizer, src: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's images ``[B, C, H, W]`` from uint8 ``images`` indexed by sample id (or by ``src``)."""
+        return compose_from(images, self.index if src is None else src, self.geo, normalize, self.single)
 
     def pool_masks(self) -> torch.Tensor:
         """Per-constituent averaging weights on the feature grid, ``[B, K, gh, gw]``."""
-        return pool_masks(self.box, self.grid)
+        return self.geo.pool
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Hard labels of every slot, ``[B, K]`` (meaningless where not ``valid``)."""
@@ -59,7 +40,12 @@ class Batch:
 
 
 class EpochBatches:
-    """Iterates a padded, sharded plan as :class:`Batch` es of ``batch_size`` items."""
+    """An epoch's plan as :class:`Batch` es of ``batch_size`` items on ``device``.
+
+    The plan is padded to whole global batches (``batch_size * world``); with ``world > 1`` this
+    rank keeps its share of each. ``generator`` (a CPU ``torch.Generator``) draws the augmentation
+    randoms, so the numbers are the same on every device and a resumed epoch redraws them exactly.
+    """
 
     def __init__(
         self,
@@ -71,30 +57,31 @@ class EpochBatches:
         rank: int = 0,
         world: int = 1,
         pad_rng: np.random.Generator | None = None,
+        image_size: tuple[int, int] = (32, 32),
+        augment: Augment = Augment(),
+        blend: bool = False,
     ):
         pad_rng = pad_rng or np.random.default_rng(0)
         full = plan.padded(batch_size * world, pad_rng, grid)
+        #: samples carried by each global step (all ranks), for the LR schedule and metrics
         self.global_samples = full.valid.reshape(-1, world * batch_size * full.slots).sum(1)
         self.plan = full.shard(rank, world, batch_size) if world > 1 else full
         self.batch_size = batch_size
         self.grid = tuple(grid)
         self.num_batches = self.plan.items // batch_size
-        t = self.plan.to_torch(device)
-        k = self.plan.slots
         self.local_samples = self.plan.valid.reshape(self.num_batches, -1).sum(1)
-        self.t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in t.items()}
-        # drawn on the host from a seeded generator: the same numbers on every device, and a
-        # resumed epoch redraws them exactly
-        self.rand = torch.rand((self.num_batches, batch_size, k, 5), generator=generator).to(device, non_blocking=True)
+        k = self.plan.slots
+        self.single = k == 1 and not blend
+        t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in self.plan.to_torch(device).items()}
+        self.index, self.valid, self.share = t["index"], t["valid"], t["share"]
+        rand = torch.rand((self.num_batches, batch_size, k, 5), generator=generator).to(device, non_blocking=True)
+        self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend)
 
     def __len__(self):
         return self.num_batches
 
     def batch(self, j: int) -> Batch:
-        t = self.t
-        return Batch(
-            t["index"][j], t["valid"][j], t["box"][j], t["resize"][j], t["share"][j], self.rand[j], self.grid, int(self.local_samples[j])
-        )
+        return Batch(self.index[j], self.valid[j], self.share[j], self.geo[j], int(self.local_samples[j]), self.single)
 
     def __iter__(self):
         for j in range(self.num_batches):

@@ -78,21 +78,88 @@ def affine_params(
     return torch.stack([row_x, row_y], -2)
 
 
-def region_masks(pbox: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pixel indicator of each box: ``[B, K, 4]`` -> ``[B, K, H, W]`` (float 0/1)."""
+def axis_masks(pbox: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indicators of each box: ``[..., 4]`` -> ``[..., H]``, ``[..., W]`` (float 0/1).
+
+    A box's pixel mask is their outer product; keeping the two factors is H + W numbers per slot
+    instead of H * W, small enough to precompute for a whole epoch.
+    """
     h, w = size
     ys = torch.arange(h, device=pbox.device, dtype=torch.float32) + 0.5
     xs = torch.arange(w, device=pbox.device, dtype=torch.float32) + 0.5
     my = (ys >= pbox[..., 0:1]) & (ys < pbox[..., 2:3])
     mx = (xs >= pbox[..., 1:2]) & (xs < pbox[..., 3:4])
-    return (my[..., :, None] & mx[..., None, :]).float()
+    return my.float(), mx.float()
+
+
+def region_masks(pbox: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel indicator of each box: ``[..., 4]`` -> ``[..., H, W]`` (float 0/1)."""
+    my, mx = axis_masks(pbox, size)
+    return my[..., :, None] * mx[..., None, :]
 
 
 def pool_masks(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Per-region averaging weights on the feature grid: ``[B, K, 4]`` -> ``[B, K, gh, gw]``."""
+    """Per-region averaging weights on the feature grid: ``[..., 4]`` -> ``[..., gh, gw]``."""
     m = region_masks(box.float(), grid)
     area = m.sum((-2, -1), keepdim=True).clamp_min(1.0)
     return m / area
+
+
+@dataclass
+class Geometry:
+    """Everything about an item's layout that the step needs, computed for many items at once.
+
+    ``theta [..., K, 2, 3]`` sampling transforms; ``row [..., K, H]`` and ``col [..., K, W]`` pixel
+    weights whose outer product is the slot's weight (its region, times its share when blending);
+    ``pool [..., K, gh, gw]`` feature-grid averaging weights. Computing these once per epoch for
+    all items leaves the step a handful of large operations.
+    """
+
+    theta: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    pool: torch.Tensor
+
+    def __getitem__(self, j) -> "Geometry":
+        return Geometry(self.theta[j], self.row[j], self.col[j], self.pool[j])
+
+
+def geometry(
+    box: torch.Tensor,
+    resize: torch.Tensor,
+    share: torch.Tensor,
+    rand: torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    augment: Augment = Augment(),
+    blend: bool = False,
+) -> Geometry:
+    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws."""
+    pbox = pixel_boxes(box, grid, size)
+    theta = affine_params(pbox, resize, rand, size, augment)
+    row, col = axis_masks(pbox, size)
+    if blend:
+        row = row * share[..., None]
+    return Geometry(theta, row, col, pool_masks(box, grid))
+
+
+def compose_from(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer, single: bool = False) -> torch.Tensor:
+    """Composites ``[B, C, H, W]`` (channels-last) from uint8 ``images [M, C, H, W]``.
+
+    ``src [B, K]`` indexes ``images``. With ``single`` (K = 1, whole-image regions) the region
+    weights are skipped.
+    """
+    b, k = src.shape
+    _, c, h, w = images.shape
+    x = normalize(images[src.reshape(-1)])  # [B*K, C, H, W]
+    sampling = F.affine_grid(geo.theta.reshape(b * k, 2, 3), [b * k, c, h, w], align_corners=False)
+    x = F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if single and k == 1:
+        out = x
+    else:
+        x = x.view(b, k, c, h, w) * geo.row[:, :, None, :, None]
+        out = (x * geo.col[:, :, None, None, :]).sum(1)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def compose(
@@ -114,19 +181,6 @@ def compose(
     its box with weight ``share`` instead of an exclusive region. Returns normalised float
     ``[B, C, H, W]`` in channels-last layout.
     """
-    b, k = src.shape
-    _, c, h, w = images.shape
-    x = normalize(images[src.reshape(-1)])  # [B*K, C, H, W]
-    pbox = pixel_boxes(box, grid, (h, w))
-    theta = affine_params(pbox, resize, rand, (h, w), augment).reshape(b * k, 2, 3)
-    sampling = F.affine_grid(theta, [b * k, c, h, w], align_corners=False)
-    x = F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = x.view(b, k, c, h, w)
-    if k == 1 and not blend:
-        out = x[:, 0]
-    else:
-        weight = region_masks(pbox, (h, w))
-        if blend:
-            weight = weight * share[..., None, None]
-        out = (x * weight[:, :, None]).sum(1)
-    return out.contiguous(memory_format=torch.channels_last)
+    h, w = images.shape[2], images.shape[3]
+    geo = geometry(box, resize, share, rand, grid, (h, w), augment, blend)
+    return compose_from(images, src, geo, normalize, single=src.shape[1] == 1 and not blend)

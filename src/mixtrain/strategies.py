@@ -64,6 +64,7 @@ class Strategy:
     slots = 1  # K: constituents an item can carry
     separate = True  # per-region pooling + per-constituent hard-label loss
     blend = False  # pixels blended over the whole image (MixUp) instead of exclusive regions
+    uses_memory = False  # observe() wants per-sample losses (computed only then)
 
     def __init__(self, num_samples: int, grid: tuple[int, int], num_epochs: int, device="cpu"):
         self.num_samples = int(num_samples)
@@ -192,6 +193,7 @@ class MixTrain(_Mixing):
     """
 
     name = "mixtrain"
+    uses_memory = True
 
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
         super().__init__(num_samples, grid, num_epochs, device, opts)

@@ -214,6 +214,7 @@ class Trainer:
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
+            fused=self.device.type == "cuda",  # one kernel per step instead of several
         )
         self.net = self.dist.wrap(self.model)
         self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
@@ -276,7 +277,7 @@ class Trainer:
 
     def _images(self, batch, source):
         images, src = source
-        return batch.compose(images, self.normalize, self.augment, self.strategy.blend, src)
+        return batch.compose(images, self.normalize, src)
 
     def _train_step(self, batch, x, labels):
         s = self.strategy
@@ -296,7 +297,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if s.separate:
+        if s.uses_memory:
             nll, correct = sample_stats(logits.detach(), targets)
             s.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
         return loss.detach()
@@ -337,13 +338,15 @@ class Trainer:
             else:
                 plan, partial = self.strategy.plan_epoch(epoch, plan_rng), None
             batches = EpochBatches(plan, cfg.batch_size, self.grid, self.device, aug_gen,
-                                   self.dist.rank, self.dist.world, pad_rng)
+                                   self.dist.rank, self.dist.world, pad_rng, self.image_hw, self.augment,
+                                   self.strategy.blend)
             lrs = step_lrs(batches.global_samples, self.samples_seen - (partial or {}).get("samples", 0), total, cfg.lr, cfg.warmup)
-            loss_sum = torch.zeros((), device=self.device)
-            bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+            # each step's loss goes into one device buffer: no host sync per step; read at the end
+            step_loss = torch.zeros(len(batches), device=self.device)
             seconds_before = 0.0
             if partial:
-                loss_sum += partial["loss_sum"]
+                done = len(partial["step_losses"])
+                step_loss[:done] = torch.tensor(partial["step_losses"], device=self.device)
                 seconds_before = partial["seconds"]
             source = self._source(batches)
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
@@ -352,23 +355,21 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = float(lrs[j])
                 x = self._images(batch, source(j))
-                loss = self._train_step(batch, x, labels)
-                loss_sum += loss * batch.samples
-                bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, j)
+                step_loss[j] = self._train_step(batch, x, labels)
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
                 progress.step()
                 if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
-                    self._check_finite(bad_step, epoch)
-                    self._sync()
+                    losses = self._check_finite(step_loss[: j + 1], epoch)
                     secs = seconds_before + time.perf_counter() - t0
                     done = int(batches.global_samples[: j + 1].sum())
-                    self._save(plan, {"loss_sum": loss_sum.item(), "seconds": secs, "samples": done})
+                    self._save(plan, {"step_losses": losses.tolist(), "seconds": secs, "samples": done})
             self.strategy.end_epoch(self.dist.world > 1)
             self._sync()
             seconds = seconds_before + time.perf_counter() - t0
-            self._check_finite(bad_step, epoch)
-            loss_total = self.dist.sum(loss_sum).item()
+            losses = self._check_finite(step_loss, epoch)
+            weighted = torch.tensor(float((losses * batches.local_samples).sum()), device=self.device)
+            loss_total = self.dist.sum(weighted).item()
             row = {
                 "epoch": epoch + 1,
                 "passes": plan.passes,
@@ -417,14 +418,18 @@ class Trainer:
         writers.close(metrics)
         return metrics
 
-    def _check_finite(self, bad_step, epoch):
-        s = int(bad_step.item())
-        if s >= 0:
+    def _check_finite(self, step_loss: torch.Tensor, epoch: int) -> np.ndarray:
+        """Host copy of the step losses so far; stops the run at the first non-finite one."""
+        losses = step_loss.double().cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            s = int(bad[0])
             last = f"epoch {epoch}" if epoch > 0 else "none (the first epoch had not finished)"
             raise MixtrainError(
                 f"non-finite loss at epoch {epoch + 1}, step {s + 1}; stopped. "
                 f"Last good checkpoint: {last} in {self.ckpt_path}. Try a lower --lr."
             )
+        return losses
 
     def _sync(self):
         if self.device.type == "cuda":
