@@ -97,6 +97,22 @@ def test_sync_without_a_process_group_is_harmless():
     assert DistInfo().first_flag(torch.tensor(-1)) == -1 and DistInfo().first_flag(torch.tensor(4)) == 4
 
 
+@pytest.mark.parametrize("name,size,chans", [("digitnet", 16, 1), ("resnet18", 32, 3),
+                                              ("vit_tiny", 32, 3)])
+def test_every_parameter_gets_a_gradient_with_pool_masks(name, size, chans):
+    """DDP runs without searching for unused parameters: a region-pooled step, with an empty slot
+    as warm-up epochs and padding have, must reach every parameter."""
+    torch.manual_seed(0)
+    model = mixtrain.adapt(mixtrain.create_model(name, 10, chans, size), (size, size), chans)
+    gh, gw = model.grid
+    box = torch.tensor([[[0, 0, gh, gw], [0, 0, 0, 0]], [[0, 0, gh, gw // 2], [0, gw // 2, gh, gw]]])
+    logits = model(torch.randn(2, chans, size, size), mixtrain.pool_masks(box, model.grid))
+    assert logits.shape == (2, 2, 10)
+    logits.sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{name}: parameters without a gradient: {unused}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes, gloo, on the CPU
 

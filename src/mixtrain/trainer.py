@@ -188,10 +188,11 @@ class Trainer:
         self.amp = self.device.type == "cuda" and cfg.precision in ("auto", "bf16") or cfg.precision == "bf16"
 
         if data is None:
-            if not self.is_main:  # rank 0 downloads/unpacks first, the others then read its copy
+            first = self.dist.local_rank == 0  # downloads/unpacks first; the node's others then read its copy
+            if not first:
                 self.dist.barrier()
             data = load_data(cfg.data, cfg.image_size or None, cfg.workers)
-            if self.is_main:
+            if first:
                 self.dist.barrier()
         self.data = data
         self.data.to(self.device)
