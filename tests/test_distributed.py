@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -188,12 +189,13 @@ def test_torchrun_two_processes_train_mixtrain_on_digits(tmp_path):
     assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == n
     assert log[1]["mixed_fraction"] > 0.4 and log[1]["passes"] < n and log[1]["samples"] == n
     assert m["world_size"] == 2 and json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert log[-1]["lr_end"] < 0.05 * 0.05  # the schedule reached its end in global samples
+    assert log[-1]["lr_end"] < 0.05 * 0.2  # the schedule reached its end in global samples
 
     # rank 0 alone prints the summary and writes the outputs
     assert r.stdout.count("passes for") == 1
-    assert r.stdout.count("epoch   2/2") == 1
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.json"]
+    assert len(re.findall(r"^epoch\s+2/2", r.stdout, re.M)) == 1
+    assert {"checkpoint.pt", "config.json", "metrics.json"} <= set(os.listdir(out))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
     # the loss memory is global: after the merges rank 0's checkpoint knows every sample's loss
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
