@@ -63,14 +63,20 @@ class EpochBatches:
     ):
         pad_rng = pad_rng or np.random.default_rng(0)
         full = plan.padded(batch_size * world, pad_rng, grid)
-        #: samples carried by each global step (all ranks), for the LR schedule and metrics
-        self.global_samples = full.valid.reshape(-1, world * batch_size * full.slots).sum(1)
+        self.world = world
+        # per global step (all ranks): samples carried and passes (items that carry a sample),
+        # for the LR schedule and metrics
+        live = full.valid.reshape(-1, world * batch_size, full.slots)
+        self.global_samples = live.sum((1, 2))
+        self.global_passes = live.any(2).sum(1)
         self.plan = full.shard(rank, world, batch_size) if world > 1 else full
         self.batch_size = batch_size
         self.grid = tuple(grid)
         self.num_batches = self.plan.items // batch_size
-        self.local_samples = self.plan.valid.reshape(self.num_batches, -1).sum(1)
         k = self.plan.slots
+        mine = self.plan.valid.reshape(self.num_batches, batch_size, k)
+        self.local_samples = mine.sum((1, 2))
+        self.local_passes = mine.any(2).sum(1)
         self.single = k == 1 and not blend
         t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in self.plan.to_torch(device).items()}
         self.index, self.valid, self.share = t["index"], t["valid"], t["share"]
@@ -79,6 +85,19 @@ class EpochBatches:
 
     def __len__(self):
         return self.num_batches
+
+    def loss_scale(self, j: int, per_pass: bool = False) -> float:
+        """Factor for this rank's mean loss of step ``j`` under DDP (1.0 on one process).
+
+        DDP averages the ranks' gradients; ranks carry different numbers of samples in a step
+        (composites carry several, padding none), so each rank's mean is rescaled to its share of
+        the global mean: then every sample of the global batch weighs the same, as in one process.
+        ``per_pass``: for losses averaged over passes (soft-label CutMix/MixUp) instead of samples.
+        """
+        if self.world == 1:
+            return 1.0
+        local, total = (self.local_passes, self.global_passes) if per_pass else (self.local_samples, self.global_samples)
+        return float(local[j]) * self.world / max(1, int(total[j]))
 
     def batch(self, j: int) -> Batch:
         return Batch(self.index[j], self.valid[j], self.share[j], self.geo[j], int(self.local_samples[j]), self.single)

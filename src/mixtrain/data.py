@@ -297,10 +297,10 @@ class FolderData:
         self.train_y = self.train_y.to(device)
         return self
 
-    def test_loader(self, batch_size: int, pin: bool):
-        return torch.utils.data.DataLoader(
-            self.test_set, batch_size=batch_size, num_workers=self.workers, pin_memory=pin
-        )
+    def test_loader(self, batch_size: int, pin: bool, rank: int = 0, world: int = 1):
+        """The validation split in order; with ``world`` > 1, only every ``world``-th image from ``rank``."""
+        subset = self.test_set if world == 1 else torch.utils.data.Subset(self.test_set, range(rank, len(self.test_set), world))
+        return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=self.workers, pin_memory=pin)
 
 
 # ----------------------------------------------------------------------------------------------

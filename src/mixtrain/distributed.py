@@ -2,17 +2,31 @@
 
 Every rank builds the same epoch plan (same seed, same merged loss memory), takes its own share
 of each global batch, and merges its loss-memory writes with the others once per epoch.
+
+What is global and what is per rank:
+
+* global: the epoch plan, the loss memory (after each merge), the LR schedule (samples seen by
+  all ranks), the model weights (DDP averages gradients), the metrics;
+* per rank: its share of each global batch (``--batch-size`` items), the augmentation draws, the
+  composition of its items' pixels, its forward/backward pass.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from .errors import MixtrainError
+
+# Set to a folder to make each rank write what it trained on each epoch (a debugging aid, and
+# what the tests check): ``rank{r}_epoch{e}.npz`` with the rank's sample ids and plan hashes.
+RECORD_ENV = "MIXTRAIN_RECORD_SAMPLES"
 
 
 @dataclass
@@ -22,13 +36,20 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device | None = None
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     def wrap(self, model):
+        """``model`` in DDP when there are several processes (the trainer calls the wrapper)."""
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # Every parameter takes part in every step (body, region pooling, head; empty slots pool
+        # to zero vectors but still go through the head), so no search for unused parameters.
+        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -36,22 +57,130 @@ class DistInfo:
             dist.all_reduce(t)
         return t
 
+    def first_flag(self, step: torch.Tensor) -> int:
+        """The smallest non-negative value of ``step`` over the ranks, or -1 if none has one.
+
+        Used for the first non-finite step: every rank must agree, or one rank would stop while
+        the others wait for it in the next collective.
+        """
+        if self.world == 1:
+            return int(step.item())
+        big = torch.iinfo(torch.long).max
+        t = torch.where(step >= 0, step, torch.full_like(step, big))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        v = int(t.item())
+        return -1 if v == big else v
+
+    @torch.no_grad()
+    def broadcast_buffers(self, module: torch.nn.Module):
+        """Rank 0's buffers (batch-norm statistics) on every rank, as DDP does before each forward:
+        each rank's last training step updated its own copy, and rank 0's is the one saved."""
+        if self.world > 1:
+            for b in module.buffers():
+                dist.broadcast(b, 0)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
 
 def setup(device_pref: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or run alone."""
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or run alone.
+
+    A process group that already exists (one's own script called ``init_process_group``) is
+    used as it is; one created here is destroyed when the process exits.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_pref != "cpu" and torch.cuda.is_available()
+    if not dist.is_available():
+        raise MixtrainError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if device_pref != "auto" and device_pref != "cpu" and not device_pref.startswith("cuda"):
+        raise MixtrainError(f"--device must be auto, cpu or cuda, got {device_pref!r}")
     if device_pref.startswith("cuda") and not torch.cuda.is_available():
         raise MixtrainError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        use_cuda = dist.get_backend() != "gloo" and device_pref != "cpu" and torch.cuda.is_available()
+    else:
+        try:
+            rank = int(os.environ["RANK"])
+        except (KeyError, ValueError):
+            raise MixtrainError("WORLD_SIZE > 1 but RANK is not set: start multi-process runs with torchrun") from None
+        use_cuda = device_pref != "cpu" and torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise MixtrainError(
+                f"process with LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} visible; "
+                "use --nproc_per_node <= the number of GPUs"
+            )
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, dist.get_world_size(), local, device)
+        kwargs = {"device_id": device} if use_cuda else {}
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise MixtrainError(f"could not join the process group (start with torchrun): {e}") from e
+        atexit.register(_destroy)
+        world = dist.get_world_size()
+    return DistInfo(rank, world, local, device)
+
+
+def _destroy():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Debugging aid: what each rank trained on
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def plan_digest(plan) -> str:
+    """A hash of an epoch plan: equal on two ranks iff they planned the same epoch."""
+    return _digest(plan.arrays().values())
+
+
+def state_digest(state) -> str:
+    """A hash of the tensors and arrays in a (nested) state dict, in key order."""
+    leaves = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                walk(x[k])
+        elif isinstance(x, (torch.Tensor, np.ndarray)):
+            leaves.append(x)
+
+    walk(state)
+    return _digest(leaves)
+
+
+def record_epoch(folder: str, info: DistInfo, epoch: int, plan, batches, strategy, samples_seen: int):
+    """Write ``folder/rank{r}_epoch{e}.npz``: the sample ids this rank trained on (in order), the
+    global plan's sample ids, hashes of the plan and of the strategy state after the epoch's merge,
+    the shape of this rank's batches ``[steps, batch size, slots]``, and the global samples seen."""
+    os.makedirs(folder, exist_ok=True)
+    shard = batches.plan
+    np.savez(
+        os.path.join(folder, f"rank{info.rank}_epoch{epoch}.npz"),
+        ids=shard.index[shard.valid],
+        plan_ids=plan.index[plan.valid],
+        plan_sha=np.array(plan_digest(plan)),
+        strategy_sha=np.array(state_digest(strategy.state_dict())),
+        batch_shape=np.array(batches.t["index"].shape),
+        samples_seen=np.array(samples_seen),
+        world=np.array(info.world),
+    )

@@ -83,7 +83,13 @@ class Strategy:
         """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
 
     def end_epoch(self, distributed: bool = False):
-        """Per-epoch hook after the last step (e.g. merge the ranks' loss memories)."""
+        """Per-epoch hook after the last step. ``distributed``: merge the ranks' observations
+        (:meth:`sync`), so the next plan is the same on every rank. Call it on every rank."""
+        if distributed:
+            self.sync()
+
+    def sync(self):
+        """Merge what the ranks observed since the last merge (a collective: every rank calls it)."""
 
     def options(self) -> dict:
         return {}
@@ -242,9 +248,8 @@ class MixTrain(_Mixing):
     def observe(self, index, valid, loss, correct):
         self.memory.update(index, valid, loss, correct)
 
-    def end_epoch(self, distributed: bool = False):
-        if distributed:
-            self.memory.all_reduce()
+    def sync(self):
+        self.memory.all_reduce()
 
     def state_dict(self):
         return {"memory": self.memory.state_dict()}

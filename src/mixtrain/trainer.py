@@ -173,9 +173,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data=None):
         cfg.check()
         self.cfg = cfg
-        self.dist = D.setup(cfg.device)
-        self.device = self.dist.device if self.dist.world > 1 else resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
+        self.dist = D.setup(cfg.device)  # under torchrun: this process's GPU (LOCAL_RANK) or the CPU
+        if self.dist.world > 1:
+            self.device = self.dist.device
         self.is_main = self.dist.rank == 0
+        self.record_dir = os.environ.get(D.RECORD_ENV) or None  # debugging aid, off by default
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             if self.device.type == "cuda":
@@ -184,7 +187,14 @@ class Trainer:
             torch.backends.cudnn.benchmark = not cfg.deterministic
         self.amp = self.device.type == "cuda" and cfg.precision in ("auto", "bf16") or cfg.precision == "bf16"
 
-        self.data = data if data is not None else load_data(cfg.data, cfg.image_size or None, cfg.workers)
+        if data is None:
+            first = self.dist.local_rank == 0  # downloads/unpacks first; the node's others then read its copy
+            if not first:
+                self.dist.barrier()
+            data = load_data(cfg.data, cfg.image_size or None, cfg.workers)
+            if first:
+                self.dist.barrier()
+        self.data = data
         self.data.to(self.device)
         n = self.data.num_train
         world_batch = cfg.batch_size * self.dist.world
@@ -244,6 +254,7 @@ class Trainer:
             "plan": plan_arrays,
             "partial": partial,
             "torch_rng": torch.get_rng_state(),
+            "world_size": self.dist.world,
         }
 
     def _load(self, state: dict):
@@ -265,6 +276,13 @@ class Trainer:
         if state.get("plan") is not None:
             from .plan import EpochPlan
 
+            saved_world = state.get("world_size", 1)
+            if saved_world != self.dist.world:
+                raise MixtrainError(
+                    f"cannot resume: the checkpoint in {self.cfg.out} was made mid-epoch by {saved_world} "
+                    f"process(es), this run has {self.dist.world}; resume with the same number of processes"
+                )
+
             self.partial = (EpochPlan(**state["plan"]), state["partial"])
 
     def _save(self, plan=None, partial=None):
@@ -279,7 +297,8 @@ class Trainer:
         images, src = source
         return batch.compose(images, self.normalize, src)
 
-    def _train_step(self, batch, x, labels):
+    def _train_step(self, batch, x, labels, scale: float = 1.0):
+        """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
         s = self.strategy
         targets = labels[batch.index]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -295,7 +314,7 @@ class Trainer:
         else:
             loss = soft_label_loss(logits, targets, batch.share, batch.valid, self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if scale == 1.0 else loss * scale).backward()
         self.optimizer.step()
         if s.uses_memory:
             nll, correct = sample_stats(logits.detach(), targets)
@@ -343,10 +362,10 @@ class Trainer:
             lrs = step_lrs(batches.global_samples, self.samples_seen - (partial or {}).get("samples", 0), total, cfg.lr, cfg.warmup)
             # each step's loss goes into one device buffer: no host sync per step; read at the end
             step_loss = torch.zeros(len(batches), device=self.device)
-            seconds_before = 0.0
+            seconds_before, loss_before = 0.0, 0.0
             if partial:
-                done = len(partial["step_losses"])
-                step_loss[:done] = torch.tensor(partial["step_losses"], device=self.device)
+                if self.is_main:  # the global sum so far; the ranks' sums are added at the end
+                    loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
             source = self._source(batches)
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
@@ -355,21 +374,25 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = float(lrs[j])
                 x = self._images(batch, source(j))
-                step_loss[j] = self._train_step(batch, x, labels)
+                step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=not self.strategy.separate))
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
                 progress.step()
                 if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
                     losses = self._check_finite(step_loss[: j + 1], epoch)
+                    if self.dist.world > 1:
+                        self.strategy.sync()  # rank 0 saves every rank's loss-memory writes so far
                     secs = seconds_before + time.perf_counter() - t0
                     done = int(batches.global_samples[: j + 1].sum())
-                    self._save(plan, {"step_losses": losses.tolist(), "seconds": secs, "samples": done})
+                    so_far = self._loss_sum(losses, batches.local_samples[: j + 1], loss_before)
+                    self._save(plan, {"loss_sum": so_far, "seconds": secs, "samples": done})
             self.strategy.end_epoch(self.dist.world > 1)
+            if self.record_dir:
+                D.record_epoch(self.record_dir, self.dist, epoch, plan, batches, self.strategy, self.samples_seen)
             self._sync()
             seconds = seconds_before + time.perf_counter() - t0
             losses = self._check_finite(step_loss, epoch)
-            weighted = torch.tensor(float((losses * batches.local_samples).sum()), device=self.device)
-            loss_total = self.dist.sum(weighted).item()
+            loss_total = self._loss_sum(losses, batches.local_samples, loss_before)
             row = {
                 "epoch": epoch + 1,
                 "passes": plan.passes,
@@ -406,6 +429,7 @@ class Trainer:
             "train_seconds": sum(r["seconds"] for r in self.log),
             "eval_seconds": eval_seconds,
             "test_accuracy": acc,
+            "test_samples": self.test_samples,
             "grid": list(self.grid),
             "device": str(self.device),
             "versions": versions(),
@@ -418,12 +442,18 @@ class Trainer:
         writers.close(metrics)
         return metrics
 
+    def _loss_sum(self, losses: np.ndarray, samples: np.ndarray, before: float) -> float:
+        """Sum over the world of per-step mean loss x samples carried (``before``: resumed part)."""
+        local = float((losses * samples).sum()) + before
+        return self.dist.sum(torch.tensor(local, dtype=torch.float64, device=self.device)).item()
+
     def _check_finite(self, step_loss: torch.Tensor, epoch: int) -> np.ndarray:
-        """Host copy of the step losses so far; stops the run at the first non-finite one."""
+        """Host copy of the step losses so far; stops the run (every rank together) at the first
+        non-finite one."""
         losses = step_loss.double().cpu().numpy()
         bad = np.flatnonzero(~np.isfinite(losses))
-        if len(bad):
-            s = int(bad[0])
+        s = self.dist.first_flag(torch.tensor(int(bad[0]) if len(bad) else -1, device=self.device))
+        if s >= 0:
             last = f"epoch {epoch}" if epoch > 0 else "none (the first epoch had not finished)"
             raise MixtrainError(
                 f"non-finite loss at epoch {epoch + 1}, step {s + 1}; stopped. "
@@ -447,18 +477,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Top-1 accuracy on the test split (plain forward, global pooling)."""
+        """Top-1 accuracy on the test split (plain forward, global pooling).
+
+        Under DDP each rank scores every ``world``-th test sample with rank 0's weights and
+        batch-norm statistics, and the counts are summed: each test sample is counted once.
+        """
+        self.dist.broadcast_buffers(self.model)
         self.model.eval()
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         total = 0
         bs = self.cfg.eval_batch_size
+        rank, world = self.dist.rank, self.dist.world
         if self.data.streaming:
             chunks = ((x.to(self.device, non_blocking=True), y.to(self.device)) for x, y in
-                      self.data.test_loader(bs, self.device.type == "cuda"))
+                      self.data.test_loader(bs, self.device.type == "cuda", rank, world))
         else:
-            tx, ty = self.data.test_x, self.data.test_y
-            if self.dist.world > 1:  # each rank scores its share
-                tx, ty = tx[self.dist.rank :: self.dist.world], ty[self.dist.rank :: self.dist.world]
+            tx, ty = self.data.test_x[rank::world], self.data.test_y[rank::world]
             chunks = zip(tx.split(bs), ty.split(bs))
         for x, y in chunks:
             x = self.normalize(x)
@@ -469,8 +503,9 @@ class Trainer:
             correct += (logits.argmax(-1) == y).sum()
             total += len(y)
         self.model.train()
-        correct = self.dist.sum(correct.float()).item()
-        total = self.dist.sum(torch.tensor(float(total), device=self.device)).item()
+        counts = self.dist.sum(torch.stack([correct.double(), torch.tensor(float(total), dtype=torch.float64, device=self.device)]))
+        correct, total = counts.tolist()
+        self.test_samples = int(total)  # each test sample once, over all ranks
         return correct / max(1, total)
 
 

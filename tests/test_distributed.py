@@ -1,0 +1,281 @@
+"""Distributed data parallel: sharding, loss weighting, and two real 2-process gloo runs on the CPU.
+
+The multi-process tests start ``torch.distributed.run`` (torchrun) on localhost with a free port and
+ask each rank to record, per epoch, what it trained on (``MIXTRAIN_RECORD_SAMPLES``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import mixtrain
+from mixtrain import plan as P
+from mixtrain.batches import EpochBatches
+from mixtrain.distributed import DistInfo, RECORD_ENV, plan_digest, state_digest
+from mixtrain.strategies import MixOptions, MixTrain
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(mixtrain.__file__)))
+GRID = (4, 4)
+
+
+def mixed_plan(n: int, n_pairs: int, seed: int = 0) -> P.EpochPlan:
+    """A shuffled plan of ``n`` samples: ``n_pairs`` pairs, the rest alone (2 slots)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(n)
+    a, b, rest = ids[:n_pairs], ids[n_pairs : 2 * n_pairs], ids[2 * n_pairs :]
+    share = rng.uniform(0.25, 0.75, n_pairs)
+    plan = P.EpochPlan.concat(
+        [P.pairs(a, b, share, rng.integers(0, 2, n_pairs), 2, GRID, 0.25), P.singles(rest, 2, GRID)]
+    )
+    return plan.take(rng.permutation(plan.items))
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process: shards, fixed shapes, loss weights
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_cover_the_plan_once_with_fixed_shapes(world):
+    n, batch = 101, 8
+    plan = mixed_plan(n, 30)
+    shards = [EpochBatches(plan, batch, GRID, "cpu", torch.Generator().manual_seed(r), r, world,
+                           np.random.default_rng(7)) for r in range(world)]
+    ids = np.concatenate([s.plan.index[s.plan.valid] for s in shards])
+    assert len(ids) == n and np.array_equal(np.sort(ids), np.arange(n))  # every sample once
+    assert np.array_equal(np.sort(ids), np.sort(plan.index[plan.valid]))
+    steps = {len(s) for s in shards}
+    assert len(steps) == 1  # every rank takes the same number of steps
+    for s in shards:
+        for bt in s:
+            assert bt.index.shape == (batch, 2) and bt.rand.shape == (batch, 2, 5)
+    # the per-step global counts are the sums of the ranks' counts, the same on every rank
+    total = sum(s.local_samples for s in shards)
+    for s in shards:
+        assert np.array_equal(s.global_samples, total)
+        assert np.array_equal(s.global_passes, sum(t.local_passes for t in shards))
+    assert int(total.sum()) == n
+
+
+def test_loss_scale_makes_the_rank_average_the_global_mean():
+    """DDP averages the ranks' gradients; with the scale, that average is the gradient of the mean
+    over every sample of the global batch (each sample weighs the same, as in one process)."""
+    n, batch, world = 90, 8, 3
+    plan = mixed_plan(n, 35, seed=1)
+    per_sample = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    shards = [EpochBatches(plan, batch, GRID, "cpu", None, r, world, np.random.default_rng(3)) for r in range(world)]
+    for j in range(len(shards[0])):
+        rank_terms, all_ids = [], []
+        for s in shards:
+            bt = s.batch(j)
+            ids = bt.index[bt.valid]
+            local_mean = per_sample[ids].sum() / max(1, len(ids))
+            rank_terms.append(local_mean * s.loss_scale(j))
+            all_ids.append(ids)
+        ids = torch.cat(all_ids)
+        assert torch.allclose(sum(rank_terms) / world, per_sample[ids].mean())
+    # one process: no rescaling at all
+    single = EpochBatches(plan, batch, GRID, "cpu")
+    assert all(single.loss_scale(j) == 1.0 for j in range(len(single)))
+
+
+def test_sync_without_a_process_group_is_harmless():
+    s = MixTrain(10, GRID, 3, "cpu", MixOptions())
+    s.observe(torch.arange(4), torch.ones(4, dtype=torch.bool), torch.full((4,), 0.5), torch.ones(4, dtype=torch.bool))
+    before = state_digest(s.state_dict())
+    s.end_epoch(distributed=True)
+    assert state_digest(s.state_dict()) == before
+    assert DistInfo().first_flag(torch.tensor(-1)) == -1 and DistInfo().first_flag(torch.tensor(4)) == 4
+
+
+@pytest.mark.parametrize("name,size,chans", [("digitnet", 16, 1), ("resnet18", 32, 3),
+                                              ("vit_tiny", 32, 3)])
+def test_every_parameter_gets_a_gradient_with_pool_masks(name, size, chans):
+    """DDP runs without searching for unused parameters: a region-pooled step, with an empty slot
+    as warm-up epochs and padding have, must reach every parameter."""
+    torch.manual_seed(0)
+    model = mixtrain.adapt(mixtrain.create_model(name, 10, chans, size), (size, size), chans)
+    gh, gw = model.grid
+    box = torch.tensor([[[0, 0, gh, gw], [0, 0, 0, 0]], [[0, 0, gh, gw // 2], [0, gw // 2, gh, gw]]])
+    logits = model(torch.randn(2, chans, size, size), mixtrain.pool_masks(box, model.grid))
+    assert logits.shape == (2, 2, 10)
+    logits.sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{name}: parameters without a gradient: {unused}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes, gloo, on the CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], tmp_path, record_dir=None, timeout=240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", RECORD_ENV)}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    if record_dir:
+        env[RECORD_ENV] = str(record_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def load_records(folder, epochs: int, world: int = 2):
+    recs = {}
+    for e in range(epochs):
+        for r in range(world):
+            with np.load(os.path.join(folder, f"rank{r}_epoch{e}.npz")) as f:
+                recs[r, e] = {k: f[k] for k in f.files}
+    assert len(glob.glob(os.path.join(folder, "*.npz"))) == epochs * world
+    return recs
+
+
+def check_epoch_records(recs, epochs: int, n: int, world: int = 2):
+    """The plan is the same on every rank; the ranks' samples are the plan, each exactly once."""
+    for e in range(epochs):
+        ranks = [recs[r, e] for r in range(world)]
+        assert len({str(x["plan_sha"]) for x in ranks}) == 1, f"epoch {e}: ranks planned differently"
+        assert len({str(x["strategy_sha"]) for x in ranks}) == 1, f"epoch {e}: loss memories differ after the merge"
+        plan_ids = ranks[0]["plan_ids"]
+        assert all(np.array_equal(x["plan_ids"], plan_ids) for x in ranks)
+        trained = np.concatenate([x["ids"] for x in ranks])
+        assert len(trained) == len(plan_ids) == n  # no duplicates, nothing missing
+        assert np.array_equal(np.sort(trained), np.sort(plan_ids))
+        assert np.array_equal(np.sort(trained), np.arange(n))
+        assert len({tuple(x["batch_shape"]) for x in ranks}) == 1  # same steps and batch shape
+
+
+def test_torchrun_two_processes_train_mixtrain_on_digits(tmp_path):
+    """``torchrun --nproc_per_node 2 -m mixtrain train`` with gloo: global plan and loss memory,
+    each sample once per epoch, mixing from epoch 2, rank-0 outputs, global LR and evaluation."""
+    from mixtrain.data import load_digits
+
+    out, rec = tmp_path / "run", tmp_path / "rec"
+    epochs, batch = 2, 64
+    r = torchrun(["-m", "mixtrain", "train", "--data", "digits", "--method", "mixtrain", "--epochs", str(epochs),
+                  "--batch-size", str(batch), "--lr", "0.05", "--device", "cpu", "--out", str(out),
+                  "--warmup-epochs", "1", "--mix-rule", "fraction", "--mix-fraction", "0.5", "--progress", "line"],
+                 tmp_path, record_dir=rec)
+    data = load_digits()
+    n = data.num_train
+
+    recs = load_records(rec, epochs)
+    check_epoch_records(recs, epochs, n)
+    for (rank, e), x in recs.items():
+        assert int(x["samples_seen"]) == (e + 1) * n  # the LR schedule counts every rank's samples
+        assert tuple(x["batch_shape"])[1] == batch  # --batch-size is per process
+
+    # epoch 1 unmixed, epoch 2 mixed (half the samples, in pairs)
+    m = json.loads((out / "metrics.json").read_text())
+    log = m["epochs_log"]
+    assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == n
+    assert log[1]["mixed_fraction"] > 0.4 and log[1]["passes"] < n and log[1]["samples"] == n
+    assert m["world_size"] == 2 and json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert log[-1]["lr_end"] < 0.05 * 0.2  # the schedule reached its end in global samples
+
+    # rank 0 alone prints the summary and writes the outputs
+    assert r.stdout.count("passes for") == 1
+    assert len(re.findall(r"^epoch\s+2/2", r.stdout, re.M)) == 1
+    assert {"checkpoint.pt", "config.json", "metrics.json"} <= set(os.listdir(out))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+    # the loss memory is global: after the merges rank 0's checkpoint knows every sample's loss
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["samples_seen"] == epochs * n
+    assert torch.isfinite(state["strategy"]["memory"]["loss"][:n]).all()
+
+    # evaluation counts each test sample once, and agrees with rank 0's saved model on one process
+    assert m["test_samples"] == len(data.test_y)
+    model = mixtrain.adapt(mixtrain.create_model("digitnet", 10, 1, 16), (16, 16), 1)
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        x = mixtrain.Normalizer(data.mean, data.std, "cpu")(data.test_x)
+        correct = int((model(x).argmax(-1) == data.test_y).sum())
+    assert abs(correct - m["test_accuracy"] * len(data.test_y)) <= 1
+
+
+OWN_LOOP = textwrap.dedent(
+    """
+    # The docs/distributed.md recipe: one's own loop under DDP with the public API.
+    import os, sys
+    import numpy as np, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from mixtrain import (Augment, EpochBatches, MixOptions, MixTrain, Normalizer, adapt, create_model,
+                          load_data, sample_stats, separated_loss)
+    from mixtrain.distributed import plan_digest, state_digest
+
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    data = load_data("digits").to(device)
+    torch.manual_seed(0)
+    model = adapt(create_model("digitnet", data.num_classes, data.channels, 16), data.image_size, data.channels)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    epochs, batch_size, seed = 2, 96, 0
+    strategy = MixTrain(data.num_train, model.grid, epochs, device, MixOptions(warmup_epochs=1, rule="all"))
+    normalize, augment = Normalizer(data.mean, data.std, device), Augment(pad=2, flip=False)
+    for epoch in range(epochs):
+        plan = strategy.plan_epoch(epoch, np.random.default_rng([seed, epoch]))
+        batches = EpochBatches(plan, batch_size, model.grid, device,
+                               generator=torch.Generator().manual_seed(1000 * epoch + rank),
+                               rank=rank, world=world, pad_rng=np.random.default_rng([seed, epoch, 1]))
+        trained = []
+        for j, batch in enumerate(batches):
+            x = batch.compose(data.train_x, normalize, augment)
+            targets = batch.targets(data.train_y)
+            logits = ddp(x, batch.pool_masks())
+            loss, _ = separated_loss(logits, targets, batch.valid)
+            opt.zero_grad(set_to_none=True)
+            (loss * batches.loss_scale(j)).backward()
+            opt.step()
+            nll, correct = sample_stats(logits.detach(), targets)
+            strategy.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+            trained.append(batch.index[batch.valid])
+        strategy.end_epoch(distributed=True)
+        shard = batches.plan
+        np.savez(os.path.join(out, f"rank{rank}_epoch{epoch}.npz"), ids=torch.cat(trained).numpy(),
+                 plan_ids=plan.index[plan.valid], plan_sha=np.array(plan_digest(plan)),
+                 strategy_sha=np.array(state_digest(strategy.state_dict())),
+                 batch_shape=np.array(batches.t["index"].shape), passes=np.array(plan.passes))
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    np.save(os.path.join(out, f"rank{rank}_weights.npy"), w.numpy())
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_own_loop_under_ddp_with_the_public_api(tmp_path):
+    """The documented recipe: same plans and merged memories on both ranks, each sample once per
+    epoch, pool masks through the DDP wrapper, identical weights on both ranks at the end."""
+    script = tmp_path / "own_loop.py"
+    script.write_text(OWN_LOOP)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    torchrun([str(script), str(rec)], tmp_path)
+    n = mixtrain.load_data("digits").num_train
+    recs = load_records(rec, 2)
+    check_epoch_records(recs, 2, n)
+    assert int(recs[0, 0]["passes"]) == n and int(recs[0, 1]["passes"]) == (n + 1) // 2  # epoch 2: all in pairs
+    w0, w1 = (np.load(rec / f"rank{r}_weights.npy") for r in range(2))
+    assert np.array_equal(w0, w1)
