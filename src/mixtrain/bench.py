@@ -43,8 +43,9 @@ TIMING_NOTE = (
     "context and allocator growth before any timed run."
 )
 
-# options that do not change what is trained or how fast: ignored when a resumed bench is checked
-_NOT_SETUP = {"method", "epochs", "seed", "out", "resume", "progress", "csv", "tensorboard",
+# options that do not change what is trained or how fast (the device is checked by its name
+# instead): ignored when a resumed bench is checked
+_NOT_SETUP = {"method", "epochs", "seed", "out", "resume", "device", "progress", "csv", "tensorboard",
               "save_checkpoints", "checkpoint_every", "eval_every", "eval_batch_size"}
 
 
