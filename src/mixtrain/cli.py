@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, recorded by bench
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

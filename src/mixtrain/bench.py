@@ -1,0 +1,622 @@
+"""Time-to-accuracy benchmark: ``mixtrain bench`` runs every (method, epochs, seed) in one process
+and ``mixtrain report`` renders ``report.md`` and ``frontier.png`` from ``results.json``.
+
+What a run's ``train_seconds`` covers (measured by the trainer, device-synchronised): every epoch's
+planning, batch set-up, training steps and end-of-epoch bookkeeping. It leaves out data loading
+(done once per bench), model and optimiser construction, evaluation, and file writes. Before the
+timed runs, each method pending in this invocation trains once, untimed, on a small slice of the
+training set (a few steps of the same batch shape, and at least one mixing epoch for mixing
+methods), so that cuDNN autotuning, ``torch.compile`` tracing and code generation, CUDA context and
+allocator growth, and other lazy initialisation are paid before any timed run. Every timed run then
+starts from a fresh model and optimiser but reuses the warmed process.
+
+The aggregation and comparison are pure functions over plain dicts (:func:`aggregate`,
+:func:`interpolate`, :func:`compare`, :func:`render_report`); :func:`run_bench` is the thin loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+from .errors import MixtrainError
+
+FORMAT = "mixtrain-bench/1"
+RESULTS = "results.json"
+REPORT = "report.md"
+FRONTIER = "frontier.png"
+WARMUP_STEPS = 3  # steps per warm-up epoch (same batch shape as the timed runs)
+
+TIMING_NOTE = (
+    "train seconds = the trainer's device-synchronised wall-clock of all epochs (planning, batch "
+    "set-up, training steps, end-of-epoch bookkeeping). Not included: data loading (once per bench "
+    "process), model/optimiser construction, evaluation, file writes, and an untimed warm-up run per "
+    "method per bench process (a few steps of the same batch shape, with at least one mixing epoch "
+    "for mixing methods) that pays cuDNN autotuning, torch.compile tracing/code generation, CUDA "
+    "context and allocator growth before any timed run."
+)
+
+# options that do not change what is trained or how fast (the device is checked by its name
+# instead): ignored when a resumed bench is checked
+_NOT_SETUP = {"method", "epochs", "seed", "out", "resume", "device", "progress", "csv", "tensorboard",
+              "save_checkpoints", "checkpoint_every", "eval_every", "eval_batch_size"}
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing the lists
+
+
+def parse_epochs(text: str) -> list[int]:
+    """``"10,20,30"`` -> ``[10, 20, 30]`` (sorted, without repeats)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise MixtrainError(f"--epochs must be comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise MixtrainError(f"--epochs needs one or more epoch budgets >= 1, got {text!r}")
+    return sorted(set(values))
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"baseline,mixtrain"`` -> ``["baseline", "mixtrain"]`` (order kept, checked)."""
+    from .strategies import STRATEGIES
+
+    methods = []
+    for m in str(text).split(","):
+        m = m.strip()
+        if not m:
+            continue
+        if m not in STRATEGIES:
+            raise MixtrainError(f"unknown method {m!r} in --methods; choose from {', '.join(STRATEGIES)}")
+        if m not in methods:
+            methods.append(m)
+    if not methods:
+        raise MixtrainError("--methods needs at least one method")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds ``[0, 1, 2]``; ``"0,5,7"`` (a list, with a comma) -> those seeds."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+        else:
+            count = int(text)
+            if count < 1:
+                raise MixtrainError(f"--seeds must be a count >= 1 or a comma-separated list, got {text!r}")
+            seeds = list(range(count))
+    except ValueError:
+        raise MixtrainError(f"--seeds must be a count (3 -> seeds 0,1,2) or a list like 0,1,2; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise MixtrainError(f"--seeds must be non-negative, got {text!r}")
+    return sorted(set(seeds))
+
+
+def run_key(method: str, epochs: int, seed: int) -> str:
+    return f"{method}-e{epochs}-s{seed}"
+
+
+def planned_runs(methods: list[str], epochs: list[int], seeds: list[int]) -> list[tuple[str, int, int]]:
+    """Every combination, seeds outermost, so methods alternate and drift over time hits all alike."""
+    return [(m, e, s) for s in seeds for e in epochs for m in methods]
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation (pure)
+
+
+def mean_std(values) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of nothing")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def aggregate(runs: list[dict], method_order: list[str] | None = None) -> list[dict]:
+    """One row per (method, epochs) with the mean (and std) over seeds of time, passes, accuracy."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], int(r["epochs"])), []).append(r)
+    order = list(method_order or [])
+    for r in runs:
+        if r["method"] not in order:
+            order.append(r["method"])
+    if "baseline" in order:  # the reference first
+        order.remove("baseline")
+        order.insert(0, "baseline")
+    rows = []
+    for (method, epochs), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        secs, secs_std = mean_std(r["train_seconds"] for r in rs)
+        acc, acc_std = mean_std(r["test_accuracy"] for r in rs)
+        passes, _ = mean_std(r["passes"] for r in rs)
+        samples, _ = mean_std(r["samples"] for r in rs)
+        rows.append({
+            "method": method,
+            "epochs": epochs,
+            "n": len(rs),
+            "seeds": sorted(int(r["seed"]) for r in rs),
+            "passes": passes,
+            "samples": samples,
+            "train_seconds": secs,
+            "train_seconds_std": secs_std,
+            "accuracy": acc,
+            "accuracy_std": acc_std,
+        })
+    return rows
+
+
+def interpolate(xs, ys, x: float) -> float | None:
+    """Linear interpolation of the points (xs, ys) at ``x``; None outside [min(xs), max(xs)].
+
+    Points sharing an x are averaged. Never extrapolates: a value outside the measured range is
+    not a measurement.
+    """
+    merged: dict[float, list[float]] = {}
+    for xi, yi in zip(xs, ys):
+        merged.setdefault(float(xi), []).append(float(yi))
+    pts = sorted((xi, sum(v) / len(v)) for xi, v in merged.items())
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]  # a single point, and x is exactly on it
+
+
+def compare(rows: list[dict], reference: str = "baseline") -> list[dict]:
+    """Add to each row its speedup over the same-epoch baseline and its accuracy gain at equal time.
+
+    ``speedup`` = baseline mean train seconds / method mean train seconds (same epochs);
+    ``pass_ratio`` = baseline mean passes / method mean passes (same epochs);
+    ``baseline_accuracy_at_time`` = the baseline's mean accuracy vs mean train seconds, linearly
+    interpolated across its epoch budgets at this row's mean train seconds (None outside its range);
+    ``gain`` = this row's mean accuracy minus that (None where it is None).
+    """
+    base = {r["epochs"]: r for r in rows if r["method"] == reference}
+    bx = [r["train_seconds"] for r in base.values()]
+    by = [r["accuracy"] for r in base.values()]
+    out = []
+    for r in rows:
+        r = dict(r)
+        b = base.get(r["epochs"])
+        r["speedup"] = b["train_seconds"] / r["train_seconds"] if b and r["train_seconds"] > 0 else None
+        r["pass_ratio"] = b["passes"] / r["passes"] if b and r["passes"] > 0 else None
+        at = interpolate(bx, by, r["train_seconds"]) if base else None
+        r["baseline_accuracy_at_time"] = at
+        r["gain"] = r["accuracy"] - at if at is not None else None
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# report (pure: results dict -> markdown)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _gain_text(r: dict, rows: list[dict], reference: str) -> str:
+    if r["method"] == reference:
+        return "(reference)"
+    base = [b for b in rows if b["method"] == reference]
+    if not base:
+        return f"n/a (no {reference} runs)"
+    if r["gain"] is None:
+        lo = min(b["train_seconds"] for b in base)
+        hi = max(b["train_seconds"] for b in base)
+        return f"outside baseline range ({r['train_seconds']:.1f} s vs {lo:.1f}-{hi:.1f} s)"
+    return f"{100 * r['gain']:+.2f} pt"
+
+
+def _setup_summary(setup: dict) -> str:
+    keys = ["batch_size", "lr", "warmup", "weight_decay", "label_smoothing", "precision", "channels_last",
+            "compile", "pad", "flip", "deterministic"]
+    parts = [f"{k}={setup[k]}" for k in keys if k in setup]
+    mix = setup.get("mix") or {}
+    if mix:
+        parts.append("mixing: " + ", ".join(f"{k}={v}" for k, v in mix.items()))
+    return ", ".join(parts)
+
+
+def render_report(results: dict) -> str:
+    """The markdown report of a results dict (see :func:`run_bench` for its fields)."""
+    reference = "baseline"
+    runs = results.get("runs", [])
+    rows = compare(aggregate(runs, results.get("methods")), reference)
+    setup = results.get("setup", {})
+    first = (results.get("sessions") or [{}])[0]
+    device = first.get("device", {})
+    versions = first.get("versions", {})
+    seeds = sorted({int(r["seed"]) for r in runs})
+    lines = [f"# mixtrain bench: {setup.get('data', '?')}, {setup.get('resolved_model', setup.get('model', '?'))}", ""]
+    cmds = [s.get("command", "") for s in results.get("sessions", [])]
+    lines.append("- Command: " + (f"`{cmds[0]}`" if cmds else "n/a"))
+    for c in cmds[1:]:
+        lines.append(f"- Continued with: `{c}`")
+    lines.append(f"- Device: {device.get('name', '?')} ({device.get('type', '?')})")
+    lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cpu")))
+    lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
+    lines.append(f"- Setup: {_setup_summary(setup)} (every option in results.json)")
+    planned = results.get("planned", [])
+    done = {r["key"] for r in runs}
+    missing = [k for k in planned if k not in done]
+    if missing:
+        lines.append(f"- **Incomplete**: {len(missing)} of {len(planned)} planned runs missing "
+                     f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
+    compiled = [r["key"] for r in runs if r.get("compiled_graphs")]
+    if compiled:
+        lines.append(f"- **Warning**: torch.compile built new graphs inside timed runs: {', '.join(compiled)}")
+    lines += ["", f"Timing: {results.get('timing', TIMING_NOTE)}", ""]
+    lines.append(
+        "Speedup = same-epoch baseline train seconds / method train seconds; pass ratio = same-epoch "
+        "baseline passes / method passes. Gain at equal time = method accuracy minus the baseline's "
+        "accuracy linearly interpolated (across its epoch budgets) at the method's train seconds; "
+        "no extrapolation beyond the baseline's measured time range."
+    )
+    lines += ["", "| method | epochs | seeds | passes | train s (mean) | test acc % (mean ± std) | speedup | pass ratio | gain at equal time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        acc = _pct(r["accuracy"]) + (f" ± {_pct(r['accuracy_std'])}" if r["accuracy_std"] is not None else "")
+        lines.append(
+            f"| {r['method']} | {r['epochs']} | {r['n']} | {r['passes']:,.0f} | {r['train_seconds']:.1f} | {acc} | "
+            f"{_ratio(r['speedup'])} | {_ratio(r['pass_ratio'])} | {_gain_text(r, rows, reference)} |"
+        )
+    lines += ["", "![test accuracy vs train seconds](frontier.png)", "", "## Every run", "",
+              "| run | train s | passes | samples | test acc % | eval s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["method"], r["epochs"], r["seed"])):
+        lines.append(f"| {r['key']} | {r['train_seconds']:.2f} | {r['passes']:,} | {r['samples']:,} | "
+                     f"{_pct(r['test_accuracy'])} | {r.get('eval_seconds', 0.0):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(rows: list[dict], path: str, title: str = ""):
+    """Test accuracy vs train seconds, one line per method, std error bars, points labelled by epochs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch for the caller
+    ax = fig.add_subplot(1, 1, 1)
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for m in methods:
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["train_seconds"])
+        x = [r["train_seconds"] for r in pts]
+        y = [100 * r["accuracy"] for r in pts]
+        yerr = [100 * (r["accuracy_std"] or 0.0) for r in pts]
+        xerr = [r["train_seconds_std"] or 0.0 for r in pts]
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, marker="o", capsize=3, label=m)
+        for r, xi, yi in zip(pts, x, y):
+            ax.annotate(f"{r['epochs']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("train seconds (mean over seeds)")
+    ax.set_ylabel("test accuracy % (mean ± std)")
+    ax.set_title(title or "accuracy vs training time (labels: epochs)")
+    ax.grid(True, alpha=0.3)
+    if methods:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: str, results: dict) -> tuple[str, str]:
+    """Write ``report.md`` and ``frontier.png`` into ``out_dir``; returns their paths."""
+    report = os.path.join(out_dir, REPORT)
+    png = os.path.join(out_dir, FRONTIER)
+    _write_text(report, render_report(results))
+    rows = aggregate(results.get("runs", []), results.get("methods"))
+    setup = results.get("setup", {})
+    title = f"{setup.get('data', '')} {setup.get('resolved_model', '')}".strip()
+    plot_frontier(rows, png, title + " (labels: epochs)" if title else "")
+    return report, png
+
+
+def load_results(out_dir: str) -> dict:
+    path = os.path.join(out_dir, RESULTS)
+    if not os.path.exists(path):
+        raise MixtrainError(f"no {RESULTS} in {out_dir} (run mixtrain bench --out {out_dir} first)")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MixtrainError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise MixtrainError(f"{path} is not a mixtrain bench results file (format {FORMAT})")
+    for r in results.get("runs", []):
+        missing = [k for k in ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples") if k not in r]
+        if missing:
+            raise MixtrainError(f"{path}: run {r.get('key', '?')} lacks {missing}")
+    return results
+
+
+def _write_text(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the bench loop (thin)
+
+
+def device_info(device) -> dict:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count()}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def setup_of(cfg) -> dict:
+    """The options every run of a bench shares (checked when a bench is continued)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETUP}
+    d["resolved_model"] = cfg.resolved_model()
+    return d
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} then, {b.get(k)!r} now")
+    return out
+
+
+def warmup_subset(data, n_train: int, n_test: int):
+    """A small slice of ``data`` with the same image shape (for the untimed warm-up run)."""
+    if hasattr(data, "train_x"):  # TensorData: keep the parent's normalisation statistics
+        return dataclasses.replace(data, train_x=data.train_x[:n_train], train_y=data.train_y[:n_train],
+                                   test_x=data.test_x[:n_test], test_y=data.test_y[:n_test],
+                                   mean=data.mean, std=data.std)
+    if hasattr(data, "train_set"):  # FolderData: the same loaders over the first files
+        from torch.utils.data import Subset
+
+        sub = copy.copy(data)
+        sub.train_set = Subset(data.train_set, range(n_train))
+        sub.test_set = Subset(data.test_set, range(min(n_test, len(data.test_set))))
+        sub.train_y = data.train_y[:n_train]
+        return sub
+    return data
+
+
+def _git_commit() -> str | None:
+    """The source's git commit (with '+dirty' for uncommitted edits), when it runs from a checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _dynamo_graphs() -> int | None:
+    """Graphs torch.compile has built so far in this process (to prove timed runs built none)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return None
+
+
+def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out: str, command: str = "",
+              resume: bool = False, stop_after: float = 0.0, data=None, log=print) -> dict:
+    """Train every (method, epochs, seed) with the options of ``base`` (a TrainConfig) into ``out``.
+
+    Writes ``out/results.json`` after every run, then ``report.md`` and ``frontier.png``. With
+    ``resume`` it keeps the runs already in ``results.json`` (same setup and device required) and
+    trains only the missing ones. ``stop_after`` > 0: start no run once this many seconds have
+    passed, or when the run's expected duration (the slowest finished run of its method, scaled to
+    its epochs) would overrun it.
+    Returns the results dict.
+    """
+    from .data import load_data
+    from .trainer import Trainer, resolve_device, versions
+
+    t_start = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MixtrainError("mixtrain bench runs as one process; start it without torchrun")
+    base = copy.deepcopy(base)
+    base.check()
+    device = resolve_device(base.device)
+    setup = setup_of(base)
+    dev = device_info(device)
+    vers = versions()
+    commit = _git_commit()
+    if commit:
+        vers["mixtrain_commit"] = commit
+    path = os.path.join(out, RESULTS)
+    plan = planned_runs(methods, epochs, seeds)
+
+    if os.path.exists(path) and not resume:
+        raise MixtrainError(f"{path} already exists: pass --resume to continue that bench, or choose another --out")
+    if resume and os.path.exists(path):
+        results = load_results(out)
+        diffs = _diff(results.get("setup", {}), setup)
+        if diffs:
+            raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs))
+        then = results["sessions"][0]
+        for what, a, b in (("device", then["device"].get("name"), dev["name"]),
+                           ("torch version", then["versions"].get("torch"), vers.get("torch"))):
+            if a != b:
+                raise MixtrainError(f"cannot continue the bench in {out}: it was measured with {what} {a!r}, "
+                                    f"this process has {b!r}; timings would not be comparable")
+    else:
+        results = {"format": FORMAT, "setup": setup, "timing": TIMING_NOTE, "methods": [], "planned": [],
+                   "sessions": [], "runs": []}
+    results["methods"] = list(dict.fromkeys(results["methods"] + methods))
+    results["planned"] = list(dict.fromkeys(results["planned"] + [run_key(*p) for p in plan]))
+    session = {"command": command, "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "device": dev, "versions": vers, "warmup_seconds": {}}
+    results["sessions"].append(session)
+    done = {r["key"] for r in results["runs"]}
+    todo = [p for p in plan if run_key(*p) not in done]
+    os.makedirs(out, exist_ok=True)
+    if not todo:
+        log(f"all {len(plan)} runs are already in {path}")
+        _write_json(path, results)
+        write_report(out, results)
+        return results
+
+    def run_cfg(method, n_epochs, seed, folder, **more):
+        cfg = dataclasses.replace(base, method=method, epochs=n_epochs, seed=seed, out=folder, resume=False,
+                                  save_checkpoints=False, checkpoint_every=0, **more)
+        cfg.mix = dataclasses.replace(base.mix)
+        return cfg
+
+    def warm_up(data):
+        # Untimed: each pending method trains a few steps of the timed runs' batch shape, with every
+        # sample mixable so the mixing path runs too.
+        graphs = _dynamo_graphs()
+        n_warm = min(data.num_train, base.batch_size * WARMUP_STEPS)
+        warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
+        for method in dict.fromkeys(m for m, _, _ in todo):
+            warm_epochs = 1 if method == "baseline" else base.mix.warmup_epochs + 1 + base.mix.final_unmixed_epochs
+            cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", method), progress="none",
+                          eval_every=0, csv=False, tensorboard=False)
+            cfg.mix.rule = "all"
+            t0 = time.perf_counter()
+            Trainer(cfg, data=warm_data).fit()
+            session["warmup_seconds"][method] = time.perf_counter() - t0
+            log(f"warm-up {method}: {session['warmup_seconds'][method]:.1f} s (untimed)")
+        if base.compile and graphs is not None:
+            session["warmup_compiled_graphs"] = _dynamo_graphs() - graphs
+
+    for i, (method, n_epochs, seed) in enumerate(todo):
+        key = run_key(method, n_epochs, seed)
+        if stop_after > 0:
+            elapsed = time.perf_counter() - t_start
+            # the slowest finished run of this method, scaled to this run's epochs
+            alike = [r["wall_seconds"] * n_epochs / r["epochs"] for r in results["runs"] if r["method"] == method]
+            expected = max(alike, default=0.0)
+            if elapsed + expected > stop_after:
+                log(f"stopping before {key}: {elapsed:.0f} s elapsed (+{expected:.0f} s expected) "
+                    f"of --stop-after {stop_after:.0f} s; {len(todo) - i} runs left, continue with --resume")
+                break
+        if i == 0:  # data and warm-up only once a run will start
+            if data is None:
+                log(f"loading {base.data} ...")
+                data = load_data(base.data, base.image_size or None, base.workers)
+            warm_up(data)
+        cfg = run_cfg(method, n_epochs, seed, os.path.join(out, "runs", key))
+        graphs = _dynamo_graphs()
+        t0 = time.perf_counter()
+        m = Trainer(cfg, data=data).fit()
+        wall = time.perf_counter() - t0
+        graphs_after = _dynamo_graphs()
+        run = {k: m[k] for k in ("method", "epochs", "seed", "passes", "samples", "pass_speedup", "train_seconds",
+                                 "eval_seconds", "test_accuracy", "grid", "options", "epochs_log")}
+        run.update(key=key, wall_seconds=wall, session=len(results["sessions"]) - 1,
+                   compiled_graphs=(graphs_after - graphs) if base.compile and graphs is not None else 0)
+        results["runs"].append(run)
+        _write_json(path, results)  # partial results survive a time limit
+        log(f"[{len(results['runs'])}/{len(results['planned'])}] {key}: {m['train_seconds']:.1f} s train, "
+            f"{m['passes']:,} passes, test accuracy {m['test_accuracy']:.4f}")
+
+    _write_json(path, results)
+    report, png = write_report(out, results)
+    log(f"wrote {path}, {report}, {png}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def cmd_bench(args):
+    from .cli import config_from_args
+
+    methods = parse_methods(args.methods)
+    epochs = parse_epochs(args.epoch_list)
+    seeds = parse_seeds(args.seeds)
+    if args.stop_after < 0:
+        raise MixtrainError(f"--stop-after must be >= 0 seconds, got {args.stop_after}")
+    base = config_from_args(args, method=methods[0], epochs=epochs[0], seed=seeds[0], out=args.bench_out,
+                            resume=False)
+    argv = getattr(args, "argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(shlex.quote(a) for a in ["mixtrain", *argv])
+    results = run_bench(base, methods, epochs, seeds, args.bench_out, command, args.bench_resume, args.stop_after)
+    missing = [k for k in results["planned"] if k not in {r["key"] for r in results["runs"]}]
+    if missing:
+        print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
+
+
+def cmd_report(args):
+    results = load_results(args.dir)
+    report, png = write_report(args.dir, results)
+    print(f"wrote {report} and {png}")
+
+
+def add_bench_commands(sub, fmt):
+    from .cli import METHODS, add_train_options
+
+    b = sub.add_parser(
+        "bench", help="time-to-accuracy benchmark: every method x epochs x seed, one process", formatter_class=fmt,
+        description="Train every combination of --methods, --epochs and --seeds on the same data (loaded once, "
+                    "kept on the device) after an untimed warm-up per method; writes OUT/results.json after "
+                    "every run, then OUT/report.md and OUT/frontier.png. " + TIMING_NOTE)
+    add_train_options(b, multi=True)
+    g = b.add_argument_group("bench")
+    g.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
+    g.add_argument("--epochs", dest="epoch_list", metavar="EPOCHS", default="10,20,30", help="comma-separated epoch budgets")
+    g.add_argument("--seeds", metavar="N|LIST", default="3", help="number of seeds (3: seeds 0,1,2) or a comma-separated list")
+    g.add_argument("--out", dest="bench_out", metavar="DIR", default="runs/bench", help="output folder")
+    g.add_argument("--resume", dest="bench_resume", action="store_true",
+                   help="keep the runs already in OUT/results.json (same setup and device) and train the missing ones")
+    g.add_argument("--stop-after", type=float, metavar="SECONDS", default=0.0,
+                   help="seconds: start no run past this, nor one expected to overrun it (judged by the slowest "
+                        "finished run of its method, scaled by epochs); 0: no limit")
+    b.set_defaults(progress="none")  # one line per run instead of per epoch
+    b.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="re-render OUT/report.md and OUT/frontier.png from OUT/results.json",
+                       formatter_class=fmt, description="Rebuild a bench's report.md and frontier.png from its results.json.")
+    r.add_argument("dir", help="the bench's output folder (holding results.json)")
+    r.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    r.set_defaults(func=cmd_report)

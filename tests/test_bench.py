@@ -1,0 +1,213 @@
+"""mixtrain bench / report: the pure aggregation and interpolation, and a tiny CPU bench end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrain import bench
+from mixtrain.cli import main
+from mixtrain.errors import MixtrainError
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+
+
+def test_interpolate_inside_range():
+    xs, ys = [40.0, 10.0, 20.0], [0.8, 0.5, 0.7]  # unsorted on purpose
+    assert bench.interpolate(xs, ys, 15.0) == pytest.approx(0.6)
+    assert bench.interpolate(xs, ys, 30.0) == pytest.approx(0.75)
+    assert bench.interpolate(xs, ys, 10.0) == pytest.approx(0.5)  # the ends are measurements
+    assert bench.interpolate(xs, ys, 40.0) == pytest.approx(0.8)
+    # points sharing a time are averaged
+    assert bench.interpolate([10.0, 10.0, 20.0], [0.4, 0.6, 0.9], 15.0) == pytest.approx(0.7)
+    assert bench.interpolate([5.0], [0.3], 5.0) == pytest.approx(0.3)
+
+
+def test_interpolate_outside_range_is_none():
+    xs, ys = [10.0, 20.0, 40.0], [0.5, 0.7, 0.8]
+    assert bench.interpolate(xs, ys, 9.99) is None
+    assert bench.interpolate(xs, ys, 40.01) is None
+    assert bench.interpolate([5.0], [0.3], 6.0) is None
+    assert bench.interpolate([], [], 1.0) is None
+
+
+def _run(method, epochs, seed, secs, acc, passes):
+    return {"key": bench.run_key(method, epochs, seed), "method": method, "epochs": epochs, "seed": seed,
+            "train_seconds": secs, "test_accuracy": acc, "passes": passes, "samples": 100 * epochs}
+
+
+MADE_UP = [
+    _run("baseline", 10, 0, 10.0, 0.80, 1000), _run("baseline", 10, 1, 12.0, 0.82, 1000),
+    _run("baseline", 20, 0, 20.0, 0.90, 2000), _run("baseline", 20, 1, 22.0, 0.92, 2000),
+    _run("mixtrain", 10, 0, 8.0, 0.85, 800), _run("mixtrain", 10, 1, 8.0, 0.87, 600),
+    _run("mixtrain", 20, 0, 15.0, 0.91, 1250),
+]
+
+
+def test_aggregate_means_and_sample_std():
+    rows = bench.aggregate(MADE_UP)
+    assert [(r["method"], r["epochs"], r["n"]) for r in rows] == [
+        ("baseline", 10, 2), ("baseline", 20, 2), ("mixtrain", 10, 2), ("mixtrain", 20, 1)]
+    b10 = rows[0]
+    assert b10["train_seconds"] == pytest.approx(11.0)
+    assert b10["accuracy"] == pytest.approx(0.81)
+    assert b10["accuracy_std"] == pytest.approx(np.std([0.80, 0.82], ddof=1))
+    assert rows[2]["passes"] == pytest.approx(700)
+    assert rows[3]["accuracy_std"] is None  # one seed: no std
+
+
+def test_compare_speedup_and_gain_at_equal_time():
+    rows = {(r["method"], r["epochs"]): r for r in bench.compare(bench.aggregate(MADE_UP))}
+    m10, m20 = rows["mixtrain", 10], rows["mixtrain", 20]
+    assert m10["speedup"] == pytest.approx(11.0 / 8.0)
+    assert m10["pass_ratio"] == pytest.approx(1000 / 700)
+    assert m10["gain"] is None  # 8 s is below the baseline's 11..21 s
+    # baseline line at 15 s: 0.81 + (0.91 - 0.81) * (15 - 11) / (21 - 11) = 0.85
+    assert m20["baseline_accuracy_at_time"] == pytest.approx(0.85)
+    assert m20["gain"] == pytest.approx(0.06)
+    assert m20["speedup"] == pytest.approx(21.0 / 15.0)
+    assert rows["baseline", 20]["speedup"] == pytest.approx(1.0)
+
+
+def test_render_report_table():
+    results = {"format": bench.FORMAT, "setup": {"data": "digits", "resolved_model": "digitnet"},
+               "sessions": [{"command": "mixtrain bench x", "device": {"type": "cpu", "name": "test-cpu"},
+                             "versions": {"torch": "9.9"}}],
+               "planned": [r["key"] for r in MADE_UP] + ["mixtrain-e20-s1"], "runs": MADE_UP}
+    text = bench.render_report(results)
+    assert "`mixtrain bench x`" in text and "test-cpu" in text and "torch 9.9" in text
+    assert "| mixtrain | 20 | 1 | 1,250 | 15.0 | 91.00 | 1.40x | 1.60x | +6.00 pt |" in text
+    assert "| mixtrain | 10 | 2 | 700 | 8.0 | 86.00 ± 1.41 | 1.38x | 1.43x | outside baseline range" in text
+    assert "1 of 8 planned runs missing (mixtrain-e20-s1)" in text
+    no_base = bench.render_report({**results, "runs": [r for r in MADE_UP if r["method"] == "mixtrain"]})
+    assert "n/a (no baseline runs)" in no_base
+
+
+def test_parse_lists():
+    assert bench.parse_seeds("3") == [0, 1, 2]
+    assert bench.parse_seeds("7,2") == [2, 7]
+    assert bench.parse_epochs("30,10,20,10") == [10, 20, 30]
+    assert bench.parse_methods("baseline, mixtrain") == ["baseline", "mixtrain"]
+    for bad in (lambda: bench.parse_seeds("0"), lambda: bench.parse_seeds("two"),
+                lambda: bench.parse_epochs("0,10"), lambda: bench.parse_epochs("ten"),
+                lambda: bench.parse_methods("baseline,fastest")):
+        with pytest.raises(MixtrainError):
+            bad()
+
+
+def test_report_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not readable JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny bench on the CPU
+
+
+def _tiny_npz(folder):
+    """192 training and 96 test images of scikit-learn's digits, 16x16, as npz:DIR."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255 / 16)).astype(np.uint8).repeat(2, 1).repeat(2, 2)[..., None]
+    folder.mkdir()
+    np.savez(folder / "train_0.npz", x=x[:192], y=d.target[:192])
+    np.savez(folder / "test.npz", x=x[1000:1096], y=d.target[1000:1096])
+    return folder
+
+
+def _bench(data, out, *extra):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mixtrain", "bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off",
+           "--batch-size", "32", "--lr", "0.05", "--mix-rule", "all", "--device", "cpu", "--epochs", "1,2",
+           "--methods", "baseline,mixtrain", "--out", str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "data")
+    out = tmp_path / "bench"
+    p = _bench(data, out, "--seeds", "2")
+    assert p.returncode == 0, p.stderr
+    assert "warm-up baseline" in p.stdout and "warm-up mixtrain" in p.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    keys = {r["key"] for r in results["runs"]}
+    assert keys == {f"{m}-e{e}-s{s}" for m in ("baseline", "mixtrain") for e in (1, 2) for s in (0, 1)}
+    assert "--seeds 2" in results["sessions"][0]["command"]
+    assert results["sessions"][0]["device"]["type"] == "cpu" and "torch" in results["sessions"][0]["versions"]
+    assert results["setup"]["batch_size"] == 32 and results["setup"]["resolved_model"] == "digitnet"
+    by = {r["key"]: r for r in results["runs"]}
+    for r in results["runs"]:
+        assert r["train_seconds"] > 0 and 0.0 <= r["test_accuracy"] <= 1.0
+        assert len(r["epochs_log"]) == r["epochs"]
+    # rule 'all' mixes every sample of epoch 2: fewer passes than the baseline, same samples
+    assert by["mixtrain-e2-s0"]["passes"] < by["baseline-e2-s0"]["passes"] == 384
+    assert by["mixtrain-e2-s0"]["samples"] == 384
+
+    report = (out / "report.md").read_text()
+    rows = bench.compare(bench.aggregate(results["runs"]))
+    assert "| method | epochs | seeds | passes | train s (mean) |" in report
+    for r in rows:
+        assert f"| {r['method']} | {r['epochs']} | 2 | {r['passes']:,.0f} | {r['train_seconds']:.1f} |" in report
+        if r["method"] == "mixtrain":
+            expect = "outside baseline range" if r["gain"] is None else f"{100 * r['gain']:+.2f} pt"
+            assert expect in report
+    png = (out / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # `mixtrain report DIR` rebuilds both from results.json alone
+    (out / "report.md").unlink()
+    (out / "frontier.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+    assert (out / "frontier.png").read_bytes()[:8] == png[:8]
+
+    # without --resume an existing bench is not overwritten; a changed setup cannot be continued
+    assert main(["bench", "--data", f"npz:{data}", "--out", str(out), "--device", "cpu"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off", "--batch-size", "32",
+                 "--lr", "0.1", "--mix-rule", "all", "--device", "cpu", "--out", str(out), "--resume"]) == 2
+    assert "setup differs: lr: 0.05 then, 0.1 now" in capsys.readouterr().err
+
+    # --stop-after with no time left starts nothing (no data loaded, no warm-up)
+    args = ["bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off", "--batch-size", "32",
+            "--lr", "0.05", "--mix-rule", "all", "--device", "cpu", "--epochs", "1,2", "--seeds", "2",
+            "--out", str(out), "--resume", "--stop-after", "0.001"]
+    # a bench cut off by a time limit: drop two runs, as if they had never finished
+    cut = dict(results, runs=[r for r in results["runs"] if r["key"] not in ("baseline-e2-s1", "mixtrain-e2-s1")])
+    (out / "results.json").write_text(json.dumps(cut))
+    assert main(args) == 0
+    assert "stopping before baseline-e2-s1" in capsys.readouterr().out
+    assert "2 of 8 planned runs missing" in (out / "report.md").read_text()
+    stopped = json.loads((out / "results.json").read_text())
+    assert len(stopped["runs"]) == 6 and stopped["sessions"][-1]["warmup_seconds"] == {}
+
+    # --resume trains only the missing runs and keeps the others as they were (in this process,
+    # on one thread: two threads on a busy 2-core machine are many times slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args[:-2]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "baseline-e1-s0" not in printed and "baseline-e2-s1" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert sorted(r["key"] for r in again["runs"]) == sorted(keys) and len(again["sessions"]) == 3
+    for r in again["runs"]:
+        if r["key"] not in ("baseline-e2-s1", "mixtrain-e2-s1"):
+            assert r["train_seconds"] == by[r["key"]]["train_seconds"]  # kept, not rerun
+    assert "| baseline | 2 | 2 |" in (out / "report.md").read_text()
+    assert "missing" not in (out / "report.md").read_text()
