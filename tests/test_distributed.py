@@ -58,7 +58,7 @@ def test_shards_cover_the_plan_once_with_fixed_shapes(world):
     assert len(steps) == 1  # every rank takes the same number of steps
     for s in shards:
         for bt in s:
-            assert bt.index.shape == (batch, 2) and bt.rand.shape == (batch, 2, 5)
+            assert bt.index.shape == (batch, 2) and bt.geo.theta.shape == (batch, 2, 2, 3)
     # the per-step global counts are the sums of the ranks' counts, the same on every rank
     total = sum(s.local_samples for s in shards)
     for s in shards:
@@ -239,10 +239,11 @@ OWN_LOOP = textwrap.dedent(
         plan = strategy.plan_epoch(epoch, np.random.default_rng([seed, epoch]))
         batches = EpochBatches(plan, batch_size, model.grid, device,
                                generator=torch.Generator().manual_seed(1000 * epoch + rank),
-                               rank=rank, world=world, pad_rng=np.random.default_rng([seed, epoch, 1]))
+                               rank=rank, world=world, pad_rng=np.random.default_rng([seed, epoch, 1]),
+                               image_size=data.image_size, augment=augment)
         trained = []
         for j, batch in enumerate(batches):
-            x = batch.compose(data.train_x, normalize, augment)
+            x = batch.compose(data.train_x, normalize)
             targets = batch.targets(data.train_y)
             logits = ddp(x, batch.pool_masks())
             loss, _ = separated_loss(logits, targets, batch.valid)
@@ -257,7 +258,7 @@ OWN_LOOP = textwrap.dedent(
         np.savez(os.path.join(out, f"rank{rank}_epoch{epoch}.npz"), ids=torch.cat(trained).numpy(),
                  plan_ids=plan.index[plan.valid], plan_sha=np.array(plan_digest(plan)),
                  strategy_sha=np.array(state_digest(strategy.state_dict())),
-                 batch_shape=np.array(batches.t["index"].shape), passes=np.array(plan.passes))
+                 batch_shape=np.array(batches.index.shape), passes=np.array(plan.passes))
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     np.save(os.path.join(out, f"rank{rank}_weights.npy"), w.numpy())
     dist.destroy_process_group()

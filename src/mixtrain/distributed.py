@@ -180,7 +180,7 @@ def record_epoch(folder: str, info: DistInfo, epoch: int, plan, batches, strateg
         plan_ids=plan.index[plan.valid],
         plan_sha=np.array(plan_digest(plan)),
         strategy_sha=np.array(state_digest(strategy.state_dict())),
-        batch_shape=np.array(batches.t["index"].shape),
+        batch_shape=np.array(batches.index.shape),
         samples_seen=np.array(samples_seen),
         world=np.array(info.world),
     )
