@@ -64,17 +64,67 @@ def parse_epochs(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def parse_methods(text: str) -> list[str]:
-    """``"baseline,mixtrain"`` -> ``["baseline", "mixtrain"]`` (order kept, checked)."""
-    from .strategies import STRATEGIES
+def split_method(spec: str) -> tuple[str, dict]:
+    """``"mixtrain(quad_confidence=0.95;ratio=fixed)"`` -> ``("mixtrain", {...})``.
 
+    A method may carry mixing-option overrides in parentheses, so that variants of one method
+    (ablations) run side by side in one bench; each variant is its own line in the report.
+    """
+    from dataclasses import fields as dc_fields
+
+    from .strategies import STRATEGIES, MixOptions
+
+    spec = spec.strip()
+    name, _, rest = spec.partition("(")
+    name = name.strip()
+    if name not in STRATEGIES:
+        raise MixtrainError(f"unknown method {name!r} in --methods; choose from {', '.join(STRATEGIES)}")
+    overrides: dict = {}
+    if rest:
+        if not rest.endswith(")"):
+            raise MixtrainError(f"--methods: {spec!r} lacks its closing parenthesis")
+        types = {f.name: f.type for f in dc_fields(MixOptions)}
+        defaults = MixOptions()
+        for item in filter(None, (s.strip() for s in rest[:-1].split(";"))):
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in types:
+                raise MixtrainError(f"--methods: {item!r} in {spec!r} is not KEY=VALUE with KEY one of {', '.join(types)}")
+            kind = type(getattr(defaults, key))
+            try:
+                if kind is bool:
+                    overrides[key] = value.strip().lower() in ("1", "true", "on", "yes")
+                else:
+                    overrides[key] = kind(value.strip())
+            except ValueError:
+                raise MixtrainError(f"--methods: {key} in {spec!r} needs a {kind.__name__}, got {value!r}") from None
+    return name, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in str(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _safe(name: str) -> str:
+    """A folder name for a method spec such as ``mixtrain(ratio=fixed)``."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"baseline,mixtrain,mixtrain(ratio=fixed)"`` -> that list (order kept, each checked)."""
     methods = []
-    for m in str(text).split(","):
-        m = m.strip()
-        if not m:
-            continue
-        if m not in STRATEGIES:
-            raise MixtrainError(f"unknown method {m!r} in --methods; choose from {', '.join(STRATEGIES)}")
+    for m in _split_top_level(text):
+        split_method(m)
         if m not in methods:
             methods.append(m)
     if not methods:
@@ -503,9 +553,10 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         return results
 
     def run_cfg(method, n_epochs, seed, folder, **more):
-        cfg = dataclasses.replace(base, method=method, epochs=n_epochs, seed=seed, out=folder, resume=False,
+        name, overrides = split_method(method)
+        cfg = dataclasses.replace(base, method=name, epochs=n_epochs, seed=seed, out=folder, resume=False,
                                   save_checkpoints=False, checkpoint_every=0, **more)
-        cfg.mix = dataclasses.replace(base.mix)
+        cfg.mix = dataclasses.replace(base.mix, **overrides)
         return cfg
 
     def warm_up(data):
@@ -515,8 +566,9 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         n_warm = min(data.num_train, base.batch_size * WARMUP_STEPS)
         warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
         for method in dict.fromkeys(m for m, _, _ in todo):
-            warm_epochs = 1 if method == "baseline" else base.mix.warmup_epochs + 1 + base.mix.final_unmixed_epochs
-            cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", method), progress="none",
+            mix = dataclasses.replace(base.mix, **split_method(method)[1])
+            warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1 + mix.final_unmixed_epochs
+            cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
                           eval_every=0, csv=False, tensorboard=False)
             cfg.mix.rule = "all"
             t0 = time.perf_counter()
@@ -542,7 +594,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
                 log(f"loading {base.data} ...")
                 data = load_data(base.data, base.image_size or None, base.workers)
             warm_up(data)
-        cfg = run_cfg(method, n_epochs, seed, os.path.join(out, "runs", key))
+        cfg = run_cfg(method, n_epochs, seed, os.path.join(out, "runs", _safe(key)))
         graphs = _dynamo_graphs()
         t0 = time.perf_counter()
         m = Trainer(cfg, data=data).fit()

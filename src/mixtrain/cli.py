@@ -68,6 +68,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     x.add_argument("--pairing", default=m.pairing, help="random, or easy-hard (easiest mixable with hardest mixable)")
     x.add_argument("--pair-resize", type=_bool, default=m.pair_resize, metavar="on|off", help="downscale pair constituents into their region instead of cropping")
     x.add_argument("--quad-resize", type=_bool, default=m.quad_resize, metavar="on|off", help="downscale quad constituents into their quadrant instead of cropping")
+    x.add_argument("--loss-per", default=m.loss_per, help="batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger steps when more is mixed)")
     r = p.add_argument_group("logging and checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: at the end only; never timed)")
     r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for evaluation")
@@ -97,6 +98,7 @@ def config_from_args(args, **override):
         pairing=args.pairing,
         pair_resize=args.pair_resize,
         quad_resize=args.quad_resize,
+        loss_per=args.loss_per,
     )
     names = {f.name for f in fields(TrainConfig)} - {"mix"}
     values = {k: getattr(args, k) for k in names if hasattr(args, k)}

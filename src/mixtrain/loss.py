@@ -13,19 +13,28 @@ import torch.nn.functional as F
 
 
 def separated_loss(
-    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    label_smoothing: float = 0.0,
+    per: str = "samples",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [B, K, C]``, ``targets``/``valid [B, K]`` -> (batch loss, per-slot loss ``[B, K]``).
 
-    The per-slot loss uses ``reduction='none'`` (with the same label smoothing); empty slots
-    contribute nothing. The division is on the device: no host synchronisation.
+    The batch loss is the sum of per-sample losses over the samples carried divided by their
+    number (``per="samples"``, the spec: every sample weighs as in ordinary training) or by the
+    number of passes (``per="passes"``: a step's gradient grows with the samples it carries, as the
+    linear LR-scaling rule would have it for a larger batch). The per-slot loss uses
+    ``reduction='none'`` (with the same label smoothing); empty slots contribute nothing. The
+    division is on the device: no host synchronisation.
     """
     b, k, c = logits.shape
     ce = F.cross_entropy(
         logits.reshape(b * k, c).float(), targets.reshape(-1), reduction="none", label_smoothing=label_smoothing
     ).view(b, k)
     w = valid.float()
-    return (ce * w).sum() / w.sum().clamp_min(1.0), ce
+    count = w.sum() if per == "samples" else valid.any(1).float().sum()
+    return (ce * w).sum() / count.clamp_min(1.0), ce
 
 
 def soft_label_loss(

@@ -41,6 +41,7 @@ class MixOptions:
     pairing: str = "random"  # random | easy-hard
     pair_resize: bool = False  # downscale pair constituents into their region instead of cropping
     quad_resize: bool = True  # downscale quad constituents into their quadrant instead of cropping
+    loss_per: str = "samples"  # batch loss = sum of sample losses / samples carried | / passes
 
     def check(self):
         if self.rule not in ("auto", "threshold", "fraction", "all"):
@@ -49,6 +50,8 @@ class MixOptions:
             raise MixtrainError(f"unknown mix ratio {self.ratio!r} (adaptive, fixed)")
         if self.pairing not in ("random", "easy-hard"):
             raise MixtrainError(f"unknown pairing {self.pairing!r} (random, easy-hard)")
+        if self.loss_per not in ("samples", "passes"):
+            raise MixtrainError(f"unknown loss normalisation {self.loss_per!r} (samples, passes)")
         if not 0.0 < self.min_share <= 0.5:
             raise MixtrainError(f"min share must be in (0, 0.5], got {self.min_share}")
         if not 0.0 <= self.fraction <= 1.0:

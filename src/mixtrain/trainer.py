@@ -216,6 +216,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.grid = self.model.grid
         self.strategy = create_strategy(cfg.method, n, self.grid, cfg.epochs, self.device, cfg.mix)
+        self.loss_per = cfg.mix.loss_per if cfg.method != "baseline" else "samples"
+        # soft-label losses average over passes; the DDP loss weights must match the normalisation
+        self.per_pass = not self.strategy.separate or self.loss_per == "passes"
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -310,7 +313,7 @@ class Trainer:
             else:
                 logits = self.forward(x)
         if s.separate:
-            loss, _ = separated_loss(logits, targets, batch.valid, self.cfg.label_smoothing)
+            loss, _ = separated_loss(logits, targets, batch.valid, self.cfg.label_smoothing, self.loss_per)
         else:
             loss = soft_label_loss(logits, targets, batch.share, batch.valid, self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +377,7 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = float(lrs[j])
                 x = self._images(batch, source(j))
-                step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=not self.strategy.separate))
+                step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=self.per_pass))
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
                 progress.step()
