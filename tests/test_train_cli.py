@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,21 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
             assert getattr(cfg, f.name) != getattr(default, f.name), f"--{f.name} did not reach the config"
     for f in fields(MixOptions):
         assert getattr(cfg.mix, f.name) != getattr(default.mix, f.name), f"{f.name} did not reach the config"
+
+
+def test_folder_data_trains_through_the_stream(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("cat", "dog", "emu"):
+            os.makedirs(tmp_path / "img" / split / c)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'img'}", model="digitnet", image_size=16, workers=0, batch_size=4,
+                      epochs=2, method="mixtrain", out=str(tmp_path / "out"), progress="none", save_checkpoints=False)
+    cfg.mix.rule = "all"
+    m = train(cfg)
+    assert m["grid"] == [4, 4]
+    assert [r["passes"] for r in m["epochs_log"]] == [18, 9] and m["samples"] == 36
+    assert 0.0 <= m["test_accuracy"] <= 1.0
