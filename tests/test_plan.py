@@ -269,3 +269,11 @@ def test_shard_needs_padding_first():
     plan = P.singles(np.arange(10), 1, GRID)
     with pytest.raises(ValueError):
         plan.shard(0, 3, 2)
+
+
+def test_nothing_seen_nothing_mixed():
+    # mixing epochs before any loss was recorded: the auto rule mixes nothing, the plan is still whole
+    s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0, quad_confidence=0.9))
+    plan = s.plan_epoch(0, _rng(0))
+    _each_once(plan)
+    assert plan.mixed_samples == 0 and plan.passes == N and plan.slots == 4
