@@ -79,6 +79,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
         r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: at epoch ends only)")
         r.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     r.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact repeats on the CPU)")
+    r.add_argument("--save-checkpoints", type=_bool, default=d.save_checkpoints, metavar="on|off", help="write OUT/checkpoint.pt during training (needed for --resume)")
 
 
 def config_from_args(args, **override):

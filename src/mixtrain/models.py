@@ -234,8 +234,9 @@ class SpatialModel(nn.Module):
         h, w = self.image_size
         was_training = self.model.training
         self.model.eval()
+        # a model without parameters (all fixed ops) probes on the CPU in float32
+        p = next(self.model.parameters(), torch.zeros(()))
         try:
-            p = next(self.model.parameters())
             with torch.no_grad():
                 f = self.model.forward_features(torch.zeros(1, in_chans, h, w, device=p.device, dtype=p.dtype))
         except Exception as e:

@@ -348,6 +348,7 @@ class Trainer:
         total = float(cfg.epochs * n)
         labels = self.data.train_y
         self.model.train()
+        acc, eval_seconds = None, 0.0
 
         while self.epoch < cfg.epochs:
             epoch = self.epoch
@@ -407,18 +408,22 @@ class Trainer:
             }
             self.epoch += 1
             self.step_in_epoch = 0
-            if cfg.eval_every and (self.epoch % cfg.eval_every == 0) and self.epoch < cfg.epochs:
-                row["test_accuracy"] = self.evaluate()
+            # the last epoch is always scored, before its row is logged (log.csv, TensorBoard, line)
+            if self.epoch == cfg.epochs or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
+                t_eval = time.perf_counter()
+                row["test_accuracy"] = acc = self.evaluate()
+                eval_seconds = time.perf_counter() - t_eval
             self.log.append(row)
             self._save()
             progress.end_epoch(row, cfg.epochs)
             writers.epoch(row)
 
-        t_eval = time.perf_counter()
-        acc = self.evaluate()
-        eval_seconds = time.perf_counter() - t_eval
-        if self.log:
-            self.log[-1]["test_accuracy"] = acc
+        if acc is None:  # resumed a finished run: nothing trained in this process
+            t_eval = time.perf_counter()
+            acc = self.evaluate()
+            eval_seconds = time.perf_counter() - t_eval
+            if self.log:
+                self.log[-1]["test_accuracy"] = acc
         metrics = {
             "method": cfg.method,
             "model": cfg.resolved_model(),

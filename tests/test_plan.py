@@ -1,0 +1,279 @@
+"""Epoch plans: who trains alone, who is mixed, in which regions; padding and sharding."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrain import Baseline, EpochBatches, MixOptions, MixTrain, MixtrainError, choose_mixed, create_strategy
+from mixtrain import plan as P
+
+GRID = (4, 4)
+N = 40
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _each_once(plan, n=N):
+    ids = np.sort(plan.index[plan.valid])
+    assert np.array_equal(ids, np.arange(n)), "every sample exactly once"
+
+
+def _boxes_tile_grid(plan):
+    """The valid slots of every item cover the grid exactly once (regions never overlap)."""
+    for i in range(plan.items):
+        cover = np.zeros(GRID, int)
+        for s in np.flatnonzero(plan.valid[i]):
+            y0, x0, y1, x1 = plan.box[i, s]
+            cover[y0:y1, x0:x1] += 1
+        if plan.valid[i].any():
+            assert (cover == 1).all()
+
+
+def _observe(strategy, loss, correct):
+    n = len(loss)
+    strategy.observe(
+        torch.arange(n), torch.ones(n, dtype=torch.bool), torch.tensor(loss, dtype=torch.float32), torch.tensor(correct)
+    )
+
+
+def _easy_hard_memory(n=N, seed=0):
+    """Losses: a third very easy (right, loss 0.01-0.1), a third right but not confident (1.0),
+    a third wrong; two never seen (NaN)."""
+    r = np.random.default_rng(seed)
+    loss = np.empty(n, np.float32)
+    correct = np.zeros(n, bool)
+    third = n // 3
+    loss[:third] = r.uniform(0.01, 0.1, third)
+    correct[:third] = True
+    loss[third : 2 * third] = 1.0
+    correct[third : 2 * third] = True
+    loss[2 * third :] = r.uniform(1.5, 3.0, n - 2 * third)
+    loss[-2:] = np.nan
+    perm = r.permutation(n)
+    return loss[perm], correct[perm]
+
+
+def test_baseline_plan():
+    s = Baseline(N, GRID, 3)
+    for epoch in range(3):
+        plan = s.plan_epoch(epoch, _rng(epoch))
+        _each_once(plan)
+        assert plan.passes == plan.samples == plan.items == N
+        assert plan.mixed_samples == 0 and plan.slots == 1
+        assert (plan.box[:, 0] == (0, 0, 4, 4)).all() and (plan.share[:, 0] == 1).all()
+    # a fresh order each epoch
+    assert not np.array_equal(s.plan_epoch(0, _rng(0)).index, s.plan_epoch(1, _rng(1)).index)
+
+
+def test_warmup_and_final_epochs_unmixed():
+    s = MixTrain(N, GRID, 6, opts=MixOptions(warmup_epochs=2, final_unmixed_epochs=2, rule="all"))
+    _observe(s, *_easy_hard_memory())
+    mixed = []
+    for epoch in range(6):
+        plan = s.plan_epoch(epoch, _rng(epoch))
+        _each_once(plan)
+        mixed.append(plan.mixed_samples)
+        assert s.mixing(epoch) == (plan.mixed_samples > 0)
+    assert mixed[:2] == [0, 0] and mixed[-2:] == [0, 0]
+    assert mixed[2] == mixed[3] == N  # rule all mixes everyone, N is even
+    # unmixed epochs are the baseline: one sample per pass
+    plan = s.plan_epoch(0, _rng(0))
+    assert plan.passes == plan.samples == N
+
+
+def test_auto_rule_pairs_mixable_rest_alone():
+    s = MixTrain(N, GRID, 5, opts=MixOptions(warmup_epochs=1))
+    loss, correct = _easy_hard_memory()
+    # one sample with a low loss but classified wrong (the margin rule must not mix it)
+    loss[np.flatnonzero(~correct & ~np.isnan(loss))[0]] = 0.01
+    _observe(s, loss, correct)
+    plan = s.plan_epoch(1, _rng(1))
+    _each_once(plan)
+    _boxes_tile_grid(plan)
+    mixable = correct & (loss <= -math.log(0.75))
+    assert mixable.sum() == N // 3
+    in_pairs = plan.valid.sum(1) == 2
+    paired_ids = np.sort(plan.index[in_pairs][:, :2].ravel())
+    alone_ids = plan.index[plan.valid.sum(1) == 1, 0]
+    # all mixable samples are paired (but one, when their count is odd), the rest alone
+    assert set(paired_ids) <= set(np.flatnonzero(mixable))
+    assert len(paired_ids) == 2 * (mixable.sum() // 2)
+    assert set(alone_ids) == set(range(N)) - set(paired_ids)
+    assert plan.passes == N - len(paired_ids) // 2
+    assert plan.mixed_samples == len(paired_ids)
+
+
+def test_adaptive_share_gives_harder_sample_more_area_on_grid():
+    opts = MixOptions(warmup_epochs=0, rule="all", min_share=0.25)
+    s = MixTrain(N, GRID, 2, opts=opts)
+    r = np.random.default_rng(3)
+    loss = r.uniform(0.001, 3.0, N).astype(np.float32)
+    loss[:4] = [0.01, 2.0, 1.0, 1.0]  # extreme and even pairs, whatever the pairing draws
+    _observe(s, loss, np.ones(N, bool))
+    plan = s.plan_epoch(0, _rng(5))
+    _each_once(plan)
+    _boxes_tile_grid(plan)
+    pairs = plan.valid.sum(1) == 2
+    assert pairs.sum() == N // 2
+    share_a = plan.share[pairs, 0]
+    la, lb = loss[plan.index[pairs, 0]], loss[plan.index[pairs, 1]]
+    # snapped to whole cells of the 4-cell split axis, clipped to [1/4, 3/4]
+    assert np.allclose(share_a * 4, np.rint(share_a * 4))
+    assert share_a.min() >= 0.25 and share_a.max() <= 0.75
+    expected = np.clip(np.rint(la / (la + lb) * 4), 1, 3) / 4
+    np.testing.assert_allclose(share_a, expected)
+    assert (share_a[la > 2 * lb] > 0.5).all() and (share_a[lb > 2 * la] < 0.5).all()
+    np.testing.assert_allclose(plan.share[pairs, 0] + plan.share[pairs, 1], 1.0)
+    # the share is the area of the box
+    area = lambda bx: (bx[..., 2] - bx[..., 0]) * (bx[..., 3] - bx[..., 1])
+    np.testing.assert_allclose(area(plan.box[pairs, 0]) / 16, share_a)
+    # both split directions occur
+    vertical = plan.box[pairs, 0, 2] == 4  # a spans the full height: a left|right split
+    assert 0 < vertical.sum() < pairs.sum()
+
+
+@pytest.mark.parametrize("min_share, lo", [(0.25, 1), (0.3, 2), (0.5, 2)])
+def test_min_share_clip(min_share, lo):
+    share = P.pairs(np.array([0, 1]), np.array([2, 3]), np.array([0.0, 1.0]), np.array([1, 0]), 2, GRID, min_share).share
+    np.testing.assert_allclose(share[:, 0], [lo / 4, (4 - lo) / 4])
+
+
+def test_fixed_ratio_is_half():
+    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", ratio="fixed"))
+    _observe(s, np.random.default_rng(0).uniform(0.01, 3, N), np.ones(N, bool))
+    plan = s.plan_epoch(0, _rng(0))
+    pairs = plan.valid.sum(1) == 2
+    assert pairs.sum() == N // 2
+    assert (plan.share[pairs] [:, :2] == 0.5).all()
+
+
+def test_fraction_and_threshold_rules():
+    loss = np.random.default_rng(1).uniform(0, 2, N).astype(np.float32)
+    loss[5] = np.nan
+    correct = np.zeros(N, bool)  # these rules ignore correctness
+    chosen = choose_mixed(loss, correct, MixOptions(rule="fraction", fraction=0.3))
+    assert chosen.sum() == 12
+    order = np.argsort(np.nan_to_num(loss, nan=np.inf))
+    assert set(np.flatnonzero(chosen)) == set(order[:12])
+    chosen = choose_mixed(loss, correct, MixOptions(rule="threshold", threshold=0.5))
+    assert np.array_equal(chosen, loss < 0.5)
+    assert not choose_mixed(loss, correct, MixOptions(rule="auto"))[5]
+    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="fraction", fraction=0.3))
+    _observe(s, loss, correct)
+    plan = s.plan_epoch(0, _rng(0))
+    _each_once(plan)
+    assert plan.mixed_samples == 12 and plan.passes == N - 6
+    mixed_ids = plan.index[plan.valid.sum(1) == 2][:, :2].ravel()
+    assert set(mixed_ids) == set(order[:12])
+
+
+def test_easy_hard_pairing():
+    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", pairing="easy-hard"))
+    loss = np.arange(N, dtype=np.float32) / N + 0.01
+    _observe(s, loss, np.ones(N, bool))
+    plan = s.plan_epoch(0, _rng(0))
+    pairs = plan.valid.sum(1) == 2
+    a, b = plan.index[pairs, 0], plan.index[pairs, 1]
+    assert np.array_equal(np.sort(a + b), np.full(N // 2, N - 1))  # easiest with hardest, ...
+
+
+def test_quads_and_pass_count():
+    opts = MixOptions(warmup_epochs=0, quad_confidence=0.9)
+    s = MixTrain(N, GRID, 2, opts=opts)
+    assert s.slots == 4
+    loss, correct = _easy_hard_memory()
+    _observe(s, loss, correct)
+    plan = s.plan_epoch(0, _rng(2))
+    _each_once(plan)
+    _boxes_tile_grid(plan)
+    counts = plan.valid.sum(1)
+    q, p = int((counts == 4).sum()), int((counts == 2).sum())
+    quadable = correct & (loss <= -math.log(0.9))
+    assert q == quadable.sum() // 4 and q > 0
+    quad_ids = plan.index[counts == 4].ravel()
+    assert set(quad_ids) <= set(np.flatnonzero(quadable))
+    quad_items = plan.take(np.flatnonzero(counts == 4))
+    assert quad_items.resize.all()
+    assert (np.sort(quad_items.box.reshape(-1, 4), 0) >= 0).all()
+    assert (quad_items.box[:, :, 2] - quad_items.box[:, :, 0] == 2).all()
+    np.testing.assert_allclose(quad_items.share, 0.25)
+    # what is mixable but not in a quad goes in pairs
+    mixable = correct & (loss <= -math.log(0.75))
+    assert p == (mixable.sum() - 4 * q) // 2
+    assert plan.passes == N - p - 3 * q
+    assert plan.mixed_samples == 2 * p + 4 * q
+    assert P.speedup(N, plan.passes) == pytest.approx(N / (N - p - 3 * q))
+
+
+def test_quads_need_a_2x2_grid_and_bad_options_are_errors():
+    with pytest.raises(MixtrainError, match="quads"):
+        MixTrain(N, (4, 1), 2, opts=MixOptions(quad_confidence=0.9))
+    with pytest.raises(MixtrainError, match="no room"):
+        MixTrain(N, (1, 1), 2)
+    for bad in (dict(rule="sometimes"), dict(ratio="golden"), dict(min_share=0.7), dict(fraction=1.5),
+                dict(pairing="friends"), dict(warmup_epochs=-1)):
+        with pytest.raises(MixtrainError):
+            MixTrain(N, GRID, 2, opts=MixOptions(**bad))
+    with pytest.raises(MixtrainError, match="unknown method"):
+        create_strategy("magic", N, GRID, 2)
+
+
+def test_split_falls_back_to_the_axis_with_room():
+    plan = P.pairs(np.array([0]), np.array([1]), np.array([0.5]), np.array([1]), 2, (4, 1), 0.25)
+    assert plan.box[0, 0].tolist() == [0, 0, 2, 1] and plan.box[0, 1].tolist() == [2, 0, 4, 1]
+
+
+def test_same_memory_same_seed_same_plan():
+    # every rank builds the same plan from the same memory and seed
+    plans = []
+    for _ in range(2):
+        s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0))
+        _observe(s, *_easy_hard_memory())
+        plans.append(s.plan_epoch(1, np.random.default_rng([7, 1, 1])))
+    for k, v in plans[0].arrays().items():
+        assert np.array_equal(v, plans[1].arrays()[k]), k
+
+
+@pytest.mark.parametrize("batch, world", [(4, 1), (3, 2), (5, 3), (7, 4)])
+def test_padding_and_sharding_keep_each_sample_once(batch, world):
+    s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0))
+    _observe(s, *_easy_hard_memory())
+    plan = s.plan_epoch(1, _rng(1))
+    full = plan.padded(batch * world, _rng(9), GRID)
+    assert full.items % (batch * world) == 0 and full.items - plan.items < batch * world
+    pad = full.take(np.arange(plan.items, full.items))
+    assert not pad.valid.any() and (pad.box[:, 0] == (0, 0, 4, 4)).all()
+    assert (pad.index[:, 0] >= 0).all() and (pad.index[:, 0] < N).all()
+    assert full.passes == plan.passes and full.samples == plan.samples
+    shards = [full.shard(r, world, batch) for r in range(world)]
+    assert sum(sh.items for sh in shards) == full.items
+    _each_once(P.EpochPlan.concat(shards))
+    # the batches every rank iterates agree with the shards, and count the global samples
+    seen = []
+    for r in range(world):
+        eb = EpochBatches(plan, batch, GRID, "cpu", torch.Generator().manual_seed(r), r, world, _rng(9))
+        assert len(eb) == full.items // (batch * world)
+        for b in eb:
+            assert b.index.shape == (batch, plan.slots)  # fixed shapes, the last batch too
+            seen += b.index[b.valid].tolist()
+            assert b.samples == int(b.valid.sum())
+        assert eb.global_samples.sum() == N
+    assert sorted(seen) == list(range(N))
+
+
+def test_shard_needs_padding_first():
+    plan = P.singles(np.arange(10), 1, GRID)
+    with pytest.raises(ValueError):
+        plan.shard(0, 3, 2)
+
+
+def test_nothing_seen_nothing_mixed():
+    # mixing epochs before any loss was recorded: the auto rule mixes nothing, the plan is still whole
+    s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0, quad_confidence=0.9))
+    plan = s.plan_epoch(0, _rng(0))
+    _each_once(plan)
+    assert plan.mixed_samples == 0 and plan.passes == N and plan.slots == 4

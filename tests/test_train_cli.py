@@ -1,0 +1,212 @@
+"""Short CPU runs on digits through the library and the command line."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrain import MixOptions, TrainConfig, train
+from mixtrain.cli import build_parser, config_from_args
+
+# The test machine's few cores are shared: one thread avoids OpenMP oversubscription stalls.
+torch.set_num_threads(1)
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mixtrain", *args], capture_output=True, text=True, env=_env(),
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for method in ("baseline", "mixtrain"):
+        d = tmp_path_factory.mktemp(method)
+        cfg = TrainConfig(data="digits", method=method, epochs=3, batch_size=32, lr=0.05, seed=0, device="cpu",
+                          out=str(d), progress="none", save_checkpoints=False)
+        out[method] = (train(cfg), d)
+    return out
+
+
+@pytest.mark.parametrize("method", ["baseline", "mixtrain"])
+def test_short_run_learns_and_writes_the_contract(runs, method):
+    m, out = runs[method]
+    assert m["test_accuracy"] > 0.8  # chance is 0.1
+    with open(out / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(m))
+    for key, value in (("method", method), ("model", "digitnet"), ("data", "digits"), ("epochs", 3), ("seed", 0)):
+        assert saved[key] == value
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    assert saved["train_seconds"] > 0
+    log = saved["epochs_log"]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    for r in log:
+        for key in ("epoch", "passes", "samples", "seconds", "train_loss", "mixed_fraction"):
+            assert key in r, key
+        assert r["samples"] == 1437 and r["seconds"] > 0 and r["train_loss"] > 0
+        assert 0.0 <= r["mixed_fraction"] <= 1.0
+    assert saved["passes"] == sum(r["passes"] for r in log)
+    assert saved["samples"] == sum(r["samples"] for r in log) == 3 * 1437
+    assert log[-1]["test_accuracy"] == saved["test_accuracy"]
+    assert log[-1]["lr_end"] < 0.05 * 0.05  # the schedule ends at ~0
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert config["method"] == method and config["mix"] == {**MixOptions().__dict__}
+    if method == "baseline":
+        assert saved["passes"] == saved["samples"]
+        assert all(r["mixed_fraction"] == 0 and r["passes"] == r["samples"] for r in log)
+    else:
+        assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == 1437  # warm-up epoch
+        assert all(r["mixed_fraction"] > 0 and r["passes"] < r["samples"] for r in log[1:])
+        assert saved["passes"] < saved["samples"]
+        # each mixed pair saves one pass
+        assert all(r["passes"] == r["samples"] - round(r["mixed_fraction"] * 1437) // 2 for r in log)
+
+
+def _digits_subset(n=256):
+    from mixtrain.data import TensorData, load_digits
+
+    d = load_digits()
+    return TensorData("digits", d.train_x[:n], d.train_y[:n], d.test_x, d.test_y, num_classes=10)
+
+
+def test_train_is_reproducible_for_a_seed(tmp_path):
+    def run(seed):
+        cfg = TrainConfig(data="digits", method="mixtrain", epochs=2, batch_size=32, lr=0.05, seed=seed, device="cpu",
+                          out=str(tmp_path / str(seed)), progress="none", save_checkpoints=False)
+        cfg.mix.rule = "all"  # mix in epoch 2 whatever the losses
+        return train(cfg, data=_digits_subset())
+
+    a, b, c = run(0), run(0), run(1)
+    assert not os.path.exists(tmp_path / "0" / "checkpoint.pt")
+    assert a["epochs_log"][1]["mixed_fraction"] == 1.0 and a["epochs_log"][1]["passes"] == 128
+    for key in ("train_loss", "passes"):
+        assert [r[key] for r in a["epochs_log"]] == [r[key] for r in b["epochs_log"]]
+    assert a["test_accuracy"] == b["test_accuracy"]
+    assert a["epochs_log"][0]["train_loss"] != c["epochs_log"][0]["train_loss"]
+
+
+def test_cli_train_writes_metrics_logs_and_lines(tmp_path):
+    out = tmp_path / "run"
+    r = _cli("train", "--data", "digits", "--method", "mixtrain", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
+             "--out", str(out), "--csv", "--tensorboard")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 2 and lines[0].startswith("epoch   1/2") and "passes" in lines[1]
+    assert "test accuracy" in r.stdout and "metrics.json" in r.stdout
+    with open(out / "metrics.json") as f:
+        m = json.load(f)
+    assert m["method"] == "mixtrain" and m["epochs"] == 2 and len(m["epochs_log"]) == 2
+    assert os.path.exists(out / "config.json") and os.path.exists(out / "checkpoint.pt")
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert int(rows[1]["passes"]) == m["epochs_log"][1]["passes"]
+    assert float(rows[1]["test_accuracy"]) == pytest.approx(m["test_accuracy"])
+    events = glob.glob(str(out / "tb" / "events.out.tfevents.*"))
+    assert events and os.path.getsize(events[0]) > 0
+
+
+def test_cli_demo_prints_the_table(tmp_path):
+    r = _cli("demo", "--epochs", "2", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = [ln for ln in lines if ln.startswith("method")]
+    assert header and "passes" in header[0] and "test acc" in header[0]
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in ("baseline", "mixtrain")}
+    assert set(rows) == {"baseline", "mixtrain"}
+    assert rows["baseline"][3] == "0%"
+    for method in ("baseline", "mixtrain"):
+        assert os.path.exists(tmp_path / "demo" / method / "metrics.json")
+
+
+def test_cli_bad_input_is_an_error_line(tmp_path):
+    r = _cli("train", "--data", f"npz:{tmp_path / 'missing'}", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+# CLI option of each MixOptions field (the others are --field-name)
+MIX_FLAGS = {"rule": "--mix-rule", "threshold": "--mix-threshold", "fraction": "--mix-fraction", "ratio": "--mix-ratio"}
+
+
+def _help(*argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_mentions_every_option(capsys):
+    top = _help(capsys=capsys)
+    assert "train" in top and "demo" in top
+    text = " ".join(_help("train", capsys=capsys).split())
+    for f in fields(TrainConfig):
+        if f.name != "mix":
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    for f in fields(MixOptions):
+        flag = MIX_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        assert flag in text, f.name
+    # defaults are shown
+    assert "(default: 0.75)" in text and "(default: digits)" in text
+    demo = _help("demo", capsys=capsys)
+    for flag in ("--methods", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--out"):
+        assert flag in demo
+
+
+def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config():
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
+    args = parser.parse_args([
+        "train", "--data", "npz:/x", "--model", "resnet18", "--method", "mixtrain", "--epochs", "7",
+        "--batch-size", "16", "--seed", "3", "--device", "cpu", "--out", "o", "--lr", "0.3", "--warmup", "0.1",
+        "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1",
+        "--precision", "fp32", "--channels-last", "off", "--compile", "--image-size", "64", "--pad", "2",
+        "--flip", "on", "--workers", "3", "--eval-every", "2", "--eval-batch-size", "99", "--checkpoint-every", "5",
+        "--resume", "--deterministic", "--progress", "line", "--csv", "--tensorboard", "--save-checkpoints", "off",
+        "--warmup-epochs", "2", "--final-unmixed-epochs", "1", "--mix-rule", "fraction", "--confidence", "0.6",
+        "--mix-threshold", "0.2", "--mix-fraction", "0.4", "--quad-confidence", "0.95", "--mix-ratio", "fixed",
+        "--min-share", "0.3", "--pairing", "easy-hard", "--pair-resize", "on", "--quad-resize", "off",
+    ])
+    cfg = config_from_args(args)
+    default = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name != "mix":
+            assert getattr(cfg, f.name) != getattr(default, f.name), f"--{f.name} did not reach the config"
+    for f in fields(MixOptions):
+        assert getattr(cfg.mix, f.name) != getattr(default.mix, f.name), f"{f.name} did not reach the config"
+
+
+def test_folder_data_trains_through_the_stream(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("cat", "dog", "emu"):
+            os.makedirs(tmp_path / "img" / split / c)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'img'}", model="digitnet", image_size=16, workers=0, batch_size=4,
+                      epochs=2, method="mixtrain", out=str(tmp_path / "out"), progress="none", save_checkpoints=False)
+    cfg.mix.rule = "all"
+    m = train(cfg)
+    assert m["grid"] == [4, 4]
+    assert [r["passes"] for r in m["epochs_log"]] == [18, 9] and m["samples"] == 36
+    assert 0.0 <= m["test_accuracy"] <= 1.0
