@@ -602,6 +602,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         graphs_after = _dynamo_graphs()
         run = {k: m[k] for k in ("method", "epochs", "seed", "passes", "samples", "pass_speedup", "train_seconds",
                                  "eval_seconds", "test_accuracy", "grid", "options", "epochs_log")}
+        run.update(method=method, base_method=m["method"])  # a variant keeps its own line
         run.update(key=key, wall_seconds=wall, session=len(results["sessions"]) - 1,
                    compiled_graphs=(graphs_after - graphs) if base.compile and graphs is not None else 0)
         results["runs"].append(run)
