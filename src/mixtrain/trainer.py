@@ -277,6 +277,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "samples_seen": self.samples_seen,
+            "world_size": self.dist.world,
             "log": self.log,
             "plan": plan_arrays,
             "partial": partial,
@@ -293,6 +294,9 @@ class Trainer:
             raise MixtrainError(f"{self.ckpt_path} is not a mixtrain checkpoint (keys missing)")
         saved = TrainConfig.from_dict(state["config"])
         diff = config_differences(saved, self.cfg)
+        world = state.get("world_size", 1)
+        if world != self.dist.world:  # the global batch (batch size x processes) defines the run
+            diff.append(f"processes: {world} -> {self.dist.world}")
         if diff:
             raise MixtrainError(
                 f"cannot resume: the checkpoint {self.ckpt_path} was made with other options "
