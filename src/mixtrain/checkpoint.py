@@ -46,3 +46,13 @@ def load(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise MixtrainError(f"checkpoint {path} is unreadable: {e}") from e
+
+
+def remove_stale_temporaries(folder: str):
+    """Delete temporary files a killed :func:`save_atomic` left behind (never a finished checkpoint)."""
+    for name in os.listdir(folder):
+        if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one configuration and write OUT/metrics.json", formatter_class=fmt,
                        description="Train one model with one method; writes config.json, metrics.json and checkpoint.pt to --out.")
     add_train_options(t)
-    t.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (about two minutes)",
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed")
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     d.add_argument("--out", default="runs/demo", help="output folder (one subfolder per method)")
-    d.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     d.set_defaults(func=cmd_demo)
 
     try:
@@ -194,7 +194,9 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except MixtrainError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
+            if e.worker_traceback:
+                print(e.worker_traceback, file=sys.stderr)
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

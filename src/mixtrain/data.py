@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +114,8 @@ def load_digits(upscale: int = 2) -> TensorData:
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    if os.path.isdir(path):
+        raise MixtrainError(f"{path}: is a directory, not an npz file")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -125,8 +126,12 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             x, y = f["x"], f["y"]
     except MixtrainError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        raise MixtrainError(f"{path}: not a readable npz file (corrupt or truncated?): {e}") from e
+    except PermissionError as e:
+        raise MixtrainError(f"{path}: cannot read the file (permission denied)") from e
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError, ...: all mean a damaged file
+        raise MixtrainError(
+            f"{path}: not a readable npz file (corrupt or truncated?): {type(e).__name__}: {e}"
+        ) from e
     if x.dtype != np.uint8:
         raise MixtrainError(f"{path}: 'x' has dtype {x.dtype}; expected uint8 pixels 0..255")
     if x.ndim != 4 or x.shape[3] not in (1, 3):
@@ -184,9 +189,18 @@ def from_arrays(
     )
 
 
-def load_npz(root: str, name: str | None = None, num_classes: int | None = None) -> TensorData:
-    if not os.path.isdir(root):
+def _check_dir(root: str):
+    """A data directory must exist, be a directory, and be listable."""
+    if not os.path.exists(root):
         raise MixtrainError(f"data directory not found: {root}")
+    if not os.path.isdir(root):
+        raise MixtrainError(f"data path is not a directory: {root}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise MixtrainError(f"data directory is not readable (permission denied): {root}")
+
+
+def load_npz(root: str, name: str | None = None, num_classes: int | None = None) -> TensorData:
+    _check_dir(root)
     train_files = sorted(glob.glob(os.path.join(root, "train_*.npz")))
     test_file = os.path.join(root, "test.npz")
     if not train_files:
@@ -329,7 +343,6 @@ def load_data(spec: str, image_size: int | None = None, workers: int = 8):
     if kind == "folder":
         if not arg:
             raise MixtrainError("folder needs a directory: --data folder:DIR")
-        if not os.path.isdir(arg):
-            raise MixtrainError(f"data directory not found: {arg}")
+        _check_dir(arg)
         return FolderData(f"folder:{arg}", arg, image_size or 224, workers)
     raise MixtrainError(f"unknown data spec {spec!r}; use one of: {DATA_HELP}")

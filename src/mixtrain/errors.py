@@ -1,9 +1,28 @@
 """The one exception type that reaches users as a plain message instead of a traceback."""
 
+_WORKER_MARKER = "Caught MixtrainError in DataLoader worker"
+
 
 class MixtrainError(Exception):
     """Bad input or an unusable setting, described in words a user can act on.
 
     The CLI prints ``error: <message>`` and exits non-zero; with ``--debug`` it re-raises so the
     traceback is shown.
+
+    A DataLoader worker that raises this error has it re-created in the main process with the
+    worker's whole traceback as its message; the constructor recovers the original message (the
+    traceback stays in :attr:`worker_traceback` for ``--debug``), so a corrupt image in a folder
+    dataset still reads as one line naming the file.
     """
+
+    worker_traceback: str | None = None
+
+    def __init__(self, message="", *args):
+        text = str(message)
+        if text.startswith(_WORKER_MARKER):
+            marker = f"{__name__}.MixtrainError: "
+            at = text.rfind(marker)
+            if at >= 0:
+                self.worker_traceback = text
+                message = text[at + len(marker) :].strip()
+        super().__init__(message, *args)

@@ -185,6 +185,16 @@ MODEL_HELP = (
 )
 
 
+def check_model_name(name: str):
+    """Fail early (before any data loads) on a model name that :func:`create_model` cannot build."""
+    if name.startswith("timm:"):
+        if not name[5:]:
+            raise MixtrainError("timm: needs a model name, e.g. --model timm:resnet50")
+        return  # checked by timm itself when the model is created
+    if name not in MODELS:
+        raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
+
+
 def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
     """Build ``name`` (see :data:`MODEL_HELP`), untrained."""
     if name.startswith("timm:"):

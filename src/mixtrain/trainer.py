@@ -97,7 +97,44 @@ class TrainConfig:
             raise MixtrainError(f"--flip must be auto, on or off, got {self.flip!r}")
         if self.progress not in ("auto", "bar", "line", "none"):
             raise MixtrainError(f"--progress must be auto, bar, line or none, got {self.progress!r}")
+        for name in ("checkpoint_every", "eval_every", "workers"):
+            if getattr(self, name) < 0:
+                raise MixtrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batch_size < 1:
+            raise MixtrainError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        if not math.isfinite(self.lr) or self.lr < 0:
+            raise MixtrainError(f"--lr must be a finite number >= 0, got {self.lr}")
+        from .models import check_model_name
+        from .strategies import STRATEGIES
+
+        if self.method not in STRATEGIES:  # checked here so a typo fails before the data loads
+            raise MixtrainError(f"unknown method {self.method!r}; choose from {', '.join(STRATEGIES)}")
+        check_model_name(self.resolved_model())
         self.mix.check()
+
+
+# Options a resumed run may change: where and how it runs, not what it computes. Every other
+# option (including any added later) must match the checkpoint's.
+RESUMABLE_CHANGES = frozenset({
+    "device", "out", "precision", "channels_last", "compile", "workers", "eval_every", "eval_batch_size",
+    "checkpoint_every", "resume", "deterministic", "progress", "csv", "tensorboard", "save_checkpoints",
+})
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
+    """``key: saved -> current`` for every run-defining option that differs."""
+    a, b = saved.to_dict(), current.to_dict()
+    a["model"], b["model"] = saved.resolved_model(), current.resolved_model()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if key == "mix":
+            ma, mb = a.get("mix", {}), b.get("mix", {})
+            out += [f"mix.{k}: {ma.get(k)!r} -> {mb.get(k)!r}" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+        elif a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -238,6 +275,7 @@ class Trainer:
         self.log: list[dict] = []
         self.partial = None  # mid-epoch state when resuming from a step checkpoint
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        self.last_good = None  # where the latest checkpoint written or loaded stands, for messages
         if cfg.resume:
             self._load(ckpt.load(self.ckpt_path))
 
@@ -253,29 +291,45 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "samples_seen": self.samples_seen,
+            "world_size": self.dist.world,
             "log": self.log,
             "plan": plan_arrays,
             "partial": partial,
+            # The epoch's plan/padding/augmentation generators are re-derived from (seed, epoch,
+            # rank) and need no saving; the global generators (dropout, drop-path) do.
             "torch_rng": torch.get_rng_state(),
             "world_size": self.dist.world,
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
+    _REQUIRED = ("config", "model", "optimizer", "strategy", "epoch", "step_in_epoch", "samples_seen", "log", "torch_rng")
+
     def _load(self, state: dict):
+        if not isinstance(state, dict) or any(k not in state for k in self._REQUIRED):
+            raise MixtrainError(f"{self.ckpt_path} is not a mixtrain checkpoint (keys missing)")
         saved = TrainConfig.from_dict(state["config"])
-        for key in ("data", "model", "method", "epochs", "batch_size", "seed"):
-            if getattr(saved, key) != getattr(self.cfg, key):
-                raise MixtrainError(
-                    f"cannot resume: the checkpoint in {self.cfg.out} was made with --{key.replace('_', '-')} "
-                    f"{getattr(saved, key)!r}, this run asks for {getattr(self.cfg, key)!r}"
-                )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
+        diff = config_differences(saved, self.cfg)
+        world = state.get("world_size", 1)
+        if world != self.dist.world:  # the global batch (batch size x processes) defines the run
+            diff.append(f"processes: {world} -> {self.dist.world}")
+        if diff:
+            raise MixtrainError(
+                f"cannot resume: the checkpoint {self.ckpt_path} was made with other options "
+                f"({'; '.join(diff)}); resume with the checkpoint's options, or train afresh into another --out"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_state_dict(state["strategy"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise MixtrainError(f"cannot resume from {self.ckpt_path}: it does not fit this model and data ({e})") from e
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.samples_seen = state["samples_seen"]
         self.log = state["log"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if state.get("plan") is not None:
             from .plan import EpochPlan
 
@@ -287,11 +341,32 @@ class Trainer:
                 )
 
             self.partial = (EpochPlan(**state["plan"]), state["partial"])
+            self.last_good = f"epoch {self.epoch + 1}, step {self.step_in_epoch}"
+        else:
+            self.last_good = f"end of epoch {self.epoch}"
 
-    def _save(self, plan=None, partial=None):
+    def _weights_finite(self) -> bool:
+        """All floating parameters and buffers (e.g. batch-norm statistics) are finite: one sync."""
+        flags = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _save(self, where: str, plan=None, partial=None):
+        """Checkpoint (main process), after checking that the weights are worth keeping."""
+        if not self._weights_finite():
+            raise MixtrainError(
+                f"non-finite weights at {where}; stopped. Last good checkpoint: {self._last_good()}. Try a lower --lr."
+            )
         if self.is_main and self.cfg.save_checkpoints:
             arrays = plan.arrays() if plan is not None else None
             ckpt.save_atomic(self.state_dict(arrays, partial), self.ckpt_path)
+        self.last_good = where
+
+    def _last_good(self) -> str:
+        if not self.cfg.save_checkpoints:
+            return "none (checkpoints are off)"
+        if self.last_good is None:
+            return "none (the run stopped before its first checkpoint)"
+        return f"{self.last_good}, in {self.ckpt_path}"
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -338,12 +413,18 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "resolved_model": cfg.resolved_model(), "grid": list(self.grid),
-                           "augment": asdict(self.augment), "world_size": self.dist.world}, f, indent=2)
+            try:
+                os.makedirs(cfg.out, exist_ok=True)
+                ckpt.remove_stale_temporaries(cfg.out)  # left by a run killed while saving
+                with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                    json.dump({**cfg.to_dict(), "resolved_model": cfg.resolved_model(), "grid": list(self.grid),
+                               "augment": asdict(self.augment), "world_size": self.dist.world}, f, indent=2)
+            except OSError as e:
+                raise MixtrainError(f"cannot write to the output folder {cfg.out}: {e.strerror or e}") from e
         progress = Progress(cfg.progress, self.is_main)
         writers = _Writers(cfg, self.is_main)
+        if cfg.resume:
+            writers.restart(self.log)  # a kill between checkpoint and log write may have lost a row
         n = self.data.num_train
         total = float(cfg.epochs * n)
         labels = self.data.train_y
@@ -367,8 +448,9 @@ class Trainer:
             # each step's loss goes into one device buffer: no host sync per step; read at the end
             step_loss = torch.zeros(len(batches), device=self.device)
             seconds_before, loss_before = 0.0, 0.0
+            save_seconds = 0.0  # checkpoint writes inside the epoch are not training time
             if partial:
-                if self.is_main:  # the global sum so far; the ranks' sums are added at the end
+                if self.is_main:  # saved as the sum over all ranks: add it back once
                     loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
             source = self._source(batches)
@@ -384,17 +466,22 @@ class Trainer:
                 progress.step()
                 if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
                     losses = self._check_finite(step_loss[: j + 1], epoch)
-                    if self.dist.world > 1:
-                        self.strategy.sync()  # rank 0 saves every rank's loss-memory writes so far
-                    secs = seconds_before + time.perf_counter() - t0
+                    self._sync()
+                    t_save = time.perf_counter()
+                    secs = seconds_before + t_save - t0 - save_seconds
+                    memory = getattr(self.strategy, "memory", None)
+                    if self.dist.world > 1 and memory is not None:
+                        memory.all_reduce()  # only rank 0 saves: it must hold every rank's losses so far
                     done = int(batches.global_samples[: j + 1].sum())
                     so_far = self._loss_sum(losses, batches.local_samples[: j + 1], loss_before)
-                    self._save(plan, {"loss_sum": so_far, "seconds": secs, "samples": done})
+                    partial_state = {"loss_sum": so_far, "seconds": secs, "samples": done}
+                    self._save(f"epoch {epoch + 1}, step {j + 1}", plan, partial_state)
+                    save_seconds += time.perf_counter() - t_save
             self.strategy.end_epoch(self.dist.world > 1)
             if self.record_dir:
                 D.record_epoch(self.record_dir, self.dist, epoch, plan, batches, self.strategy, self.samples_seen)
             self._sync()
-            seconds = seconds_before + time.perf_counter() - t0
+            seconds = seconds_before + time.perf_counter() - t0 - save_seconds
             losses = self._check_finite(step_loss, epoch)
             loss_total = self._loss_sum(losses, batches.local_samples, loss_before)
             row = {
@@ -414,7 +501,7 @@ class Trainer:
                 row["test_accuracy"] = acc = self.evaluate()
                 eval_seconds = time.perf_counter() - t_eval
             self.log.append(row)
-            self._save()
+            self._save(f"end of epoch {self.epoch}")
             progress.end_epoch(row, cfg.epochs)
             writers.epoch(row)
 
@@ -456,16 +543,15 @@ class Trainer:
         return self.dist.sum(torch.tensor(local, dtype=torch.float64, device=self.device)).item()
 
     def _check_finite(self, step_loss: torch.Tensor, epoch: int) -> np.ndarray:
-        """Host copy of the step losses so far; stops the run (every rank together) at the first
-        non-finite one."""
+        """Host copy of the step losses so far (one host sync per check); stops the run at the
+        first non-finite one, every rank together."""
         losses = step_loss.double().cpu().numpy()
         bad = np.flatnonzero(~np.isfinite(losses))
         s = self.dist.first_flag(torch.tensor(int(bad[0]) if len(bad) else -1, device=self.device))
         if s >= 0:
-            last = f"epoch {epoch}" if epoch > 0 else "none (the first epoch had not finished)"
             raise MixtrainError(
                 f"non-finite loss at epoch {epoch + 1}, step {s + 1}; stopped. "
-                f"Last good checkpoint: {last} in {self.ckpt_path}. Try a lower --lr."
+                f"Last good checkpoint: {self._last_good()}. Try a lower --lr."
             )
         return losses
 
@@ -543,14 +629,25 @@ class _Writers:
                 raise MixtrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
             self.tb = SummaryWriter(os.path.join(cfg.out, "tb"))
 
+    CSV_KEYS = ["epoch", "passes", "samples", "seconds", "train_loss", "mixed_fraction", "lr_end", "test_accuracy"]
+
+    def restart(self, log: list[dict]):
+        """A resumed run: rewrite the CSV from the checkpoint's log, so it holds each epoch once."""
+        if self.csv:
+            import csv
+
+            with open(self.csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, self.CSV_KEYS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(log)
+
     def epoch(self, row: dict):
         if self.csv:
             import csv
 
-            keys = ["epoch", "passes", "samples", "seconds", "train_loss", "mixed_fraction", "lr_end", "test_accuracy"]
             new = not os.path.exists(self.csv_path) or row["epoch"] == 1
             with open(self.csv_path, "w" if row["epoch"] == 1 else "a", newline="") as f:
-                w = csv.DictWriter(f, keys, extrasaction="ignore")
+                w = csv.DictWriter(f, self.CSV_KEYS, extrasaction="ignore")
                 if new:
                     w.writeheader()
                 w.writerow(row)

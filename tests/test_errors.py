@@ -1,0 +1,339 @@
+"""Bad input: a non-zero exit and one clear line naming the problem, no traceback unless --debug.
+
+Most cases call ``mixtrain.cli.main`` in-process (the same code path as the command, without a
+Python start-up each); one case runs the real command to check the process exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mixtrain import MixtrainError, adapt
+from mixtrain import models as M
+from mixtrain.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared; tiny models gain nothing from two
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(n, size=16, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def write_npz(root: Path, train=None, test=None):
+    """A valid npz dataset (40 train, 20 test, 10 classes, all present), parts overridable."""
+    root.mkdir(parents=True, exist_ok=True)
+    xtr, ytr = images(40)
+    ytr[:10] = np.arange(10)
+    xte, yte = images(20, seed=1)
+    np.savez(root / "train_0.npz", **(train or {"x": xtr, "y": ytr}))
+    np.savez(root / "test.npz", **(test or {"x": xte, "y": yte}))
+    return root
+
+
+def run(capsys, *args, data=None, out=None):
+    """``mixtrain train ...`` in-process -> (exit code, stderr)."""
+    # defaults first, so that the test's own flags win
+    argv = ["train", "--model", "digitnet", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+            "--progress", "none", "--workers", "0", *args]
+    if data is not None:
+        argv += ["--data", str(data)]
+    if out is not None:
+        argv += ["--out", str(out)]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()  # (a library warning may precede it; the error is one line)
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, err
+    assert "Traceback" not in err
+    err = lines[-1]
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def test_missing_data_directory(tmp_path, capsys):
+    code, err = run(capsys, data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "data directory not found", "nowhere")
+
+
+def test_data_path_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = run(capsys, data=f"npz:{tmp_path / 'file'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "not a directory", "file")
+
+
+def test_data_directory_without_npz_files(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    code, err = run(capsys, data=f"npz:{tmp_path / 'd'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "no train_*.npz")
+
+
+def test_unreadable_npz_file(tmp_path, capsys):
+    root = write_npz(tmp_path / "d")
+    os.unlink(root / "test.npz")
+    (root / "test.npz").mkdir()  # exists but cannot be read as a file (permissions do not bind root)
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, "test.npz", "is a directory")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "truncated-compressed"])
+def test_corrupt_or_truncated_npz(damage, tmp_path, capsys):
+    root = write_npz(tmp_path / "d")
+    target = root / "train_0.npz"
+    if damage == "garbage":
+        target.write_bytes(os.urandom(3000))
+    else:
+        if damage == "truncated-compressed":
+            x, y = images(40)
+            np.savez_compressed(target, x=x, y=y)
+        blob = target.read_bytes()
+        target.write_bytes(blob[: len(blob) // 2])
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, "train_0.npz", "not a readable npz file")
+
+
+@pytest.mark.parametrize(
+    "train,needle",
+    [
+        ({"x": images(40)[0]}, "missing array(s) ['y']"),
+        ({"x": images(40)[0].astype(np.float32), "y": images(40)[1]}, "dtype float32"),
+        ({"x": images(40)[0][..., 0], "y": images(40)[1]}, "shape (40, 16, 16)"),
+        ({"x": images(40)[0], "y": images(40)[1].astype(np.float64)}, "integer labels"),
+        ({"x": images(40)[0], "y": images(30)[1]}, "40 images but 30 labels"),
+        ({"x": images(40)[0], "y": images(40)[1] - 5}, "labels must be 0..C-1"),
+        ({"x": images(0)[0], "y": images(0)[1]}, "the train split is empty"),
+    ],
+    ids=["missing-y", "float-pixels", "no-channel-axis", "float-labels", "length-mismatch", "negative-label",
+         "empty-train"],
+)
+def test_bad_train_arrays(train, needle, tmp_path, capsys):
+    root = write_npz(tmp_path / "d", train=train)
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, needle)
+
+
+def test_test_label_outside_class_range(tmp_path, capsys):
+    x, y = images(20)
+    y[3] = 10  # train has classes 0..9
+    root = write_npz(tmp_path / "d", test={"x": x, "y": y})
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, "test label 10 is outside the class range 0..9")
+
+
+def test_train_label_outside_known_class_count(tmp_path, capsys):
+    x, y = images(40)
+    y[0] = 12
+    root = write_npz(tmp_path / "d", train={"x": x, "y": y})
+    code, err = run(capsys, data=f"cifar10:{root}", out=tmp_path / "o")  # cifar10 fixes 10 classes
+    assert_clean_error(code, err, "train label 12 is outside the class range 0..9")
+
+
+def test_empty_test_split(tmp_path, capsys):
+    root = write_npz(tmp_path / "d", test={"x": images(0)[0], "y": images(0)[1]})
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, "the test split is empty")
+
+
+def test_unknown_data_spec(tmp_path, capsys):
+    code, err = run(capsys, data="imagenet21k", out=tmp_path / "o")
+    assert_clean_error(code, err, "unknown data spec 'imagenet21k'")
+
+
+def _image_folder(root: Path, bad: str):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))  # a PNG header, then garbage
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: the error crosses from a DataLoader worker
+def test_corrupt_image_in_folder_names_the_file(workers, tmp_path, capsys):
+    _image_folder(tmp_path / "f", bad="train/b/broken.png")
+    code, err = run(capsys, "--image-size", "16", "--workers", workers, data=f"folder:{tmp_path / 'f'}",
+                    out=tmp_path / "o")
+    assert_clean_error(code, err, "cannot read image", str(tmp_path / "f" / "train" / "b" / "broken.png"))
+
+
+def test_folder_without_val_split(tmp_path, capsys):
+    (tmp_path / "f" / "train" / "a").mkdir(parents=True)
+    code, err = run(capsys, data=f"folder:{tmp_path / 'f'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "no 'val/' folder")
+
+
+def test_worker_wrapped_error_message_is_unwrapped():
+    wrapped = (
+        "Caught MixtrainError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nmixtrain.errors.MixtrainError: cannot read image /d/a.png: broken\n'
+    )
+    e = MixtrainError(wrapped)
+    assert str(e) == "cannot read image /d/a.png: broken" and e.worker_traceback == wrapped
+    assert str(MixtrainError("plain")) == "plain" and MixtrainError("plain").worker_traceback is None
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return write_npz(tmp_path_factory.mktemp("npz") / "d")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--batch-size", "41"], "batch size 41 x 1 process(es) is larger than the training set (40 samples)"),
+        (["--method", "mixtrian"], "unknown method 'mixtrian'; choose from baseline, mixtrain"),
+        (["--model", "resnet19"], "unknown model 'resnet19'"),
+        (["--model", "timm:no_such_net"], "unknown timm model 'no_such_net'"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    ],
+)
+def test_bad_options(args, needle, npz, tmp_path, capsys):
+    code, err = run(capsys, *args, data=f"npz:{npz}", out=tmp_path / "o")  # later flags win over defaults
+    assert_clean_error(code, err, needle)
+
+
+def test_bad_option_fails_before_the_data_loads(tmp_path, capsys):
+    # the data path is missing too: an unknown method must be reported first, without loading anything
+    code, err = run(capsys, "--method", "nope", data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "unknown method 'nope'")
+
+
+def test_batch_smaller_than_slots_is_valid(npz, tmp_path, capsys):
+    """The batch counts items (passes); each item carries up to K samples, so batch 1 with K = 2 is
+    fine: a step is then one composite image carrying two samples."""
+    code = main(["train", "--data", f"npz:{npz}", "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all",
+                 "--epochs", "2", "--batch-size", "1", "--device", "cpu", "--progress", "none",
+                 "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (m["samples"], m["passes"]) == (80, 40 + 20)  # epoch 2 trains 40 samples in 20 composites
+
+
+class FlatNet(nn.Module):
+    """A classifier whose body pools away the spatial grid: nothing to pool per region."""
+
+    def __init__(self, num_classes=10, in_chans=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward_features(self, x):
+        return self.conv(x).mean((2, 3))
+
+    def forward_head(self, x, pre_logits=False):
+        return x if pre_logits else self.fc(x)
+
+
+def test_model_without_spatial_body_library():
+    with pytest.raises(MixtrainError, match=r"FlatNet has no spatial body: forward_features gives shape \(1, 8\)"):
+        adapt(FlatNet(), 16, 1)
+    with pytest.raises(MixtrainError, match="has no forward_features/forward_head"):
+        adapt(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), 16, 1)
+
+
+def test_model_without_spatial_body_cli(npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(M.MODELS, "flatnet", lambda nc, ic, s: FlatNet(nc, ic))
+    code, err = run(capsys, "--model", "flatnet", data=f"npz:{npz}", out=tmp_path / "o")
+    assert_clean_error(code, err, "FlatNet has no spatial body")
+
+
+def test_model_grid_too_small_to_mix(npz, tmp_path, capsys):
+    # timm's resnet18 (stride 32) turns a 16x16 image into a 1x1 grid: nothing to split
+    code, err = run(capsys, "--model", "timm:resnet18", "--method", "mixtrain", data=f"npz:{npz}", out=tmp_path / "o")
+    assert_clean_error(code, err, "final feature grid is 1x1", "no room for two regions")
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.fixture(scope="module")
+def finished_run(npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", f"npz:{npz}", "--model", "digitnet", "--epochs", "1", "--batch-size", "8",
+                 "--device", "cpu", "--progress", "none", "--out", str(out)]) == 0
+    return out
+
+
+def test_resume_without_checkpoint(npz, tmp_path, capsys):
+    code, err = run(capsys, "--resume", data=f"npz:{npz}", out=tmp_path / "empty")
+    assert_clean_error(code, err, "no checkpoint to resume from", str(tmp_path / "empty" / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--lr", "0.5"], "lr: 0.2 -> 0.5"),
+        (["--seed", "3"], "seed: 0 -> 3"),
+        (["--method", "mixtrain"], "method: 'baseline' -> 'mixtrain'"),
+        (["--mix-rule", "all"], "mix.rule: 'auto' -> 'all'"),
+    ],
+)
+def test_resume_with_different_config(args, needle, npz, finished_run, capsys):
+    code, err = run(capsys, "--resume", *args, data=f"npz:{npz}", out=finished_run)
+    assert_clean_error(code, err, "cannot resume", "other options", needle)
+
+
+def test_resume_may_change_how_it_runs(npz, finished_run, capsys):
+    code, err = run(capsys, "--resume", "--checkpoint-every", "3", "--csv", data=f"npz:{npz}", out=finished_run)
+    assert code == 0, err
+
+
+def test_resume_from_corrupt_checkpoint(npz, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really")
+    code, err = run(capsys, "--resume", data=f"npz:{npz}", out=tmp_path / "o")
+    assert_clean_error(code, err, "checkpoint.pt is unreadable")
+
+
+# ------------------------------------------------------------------------------------------------
+# --debug and the real process
+
+
+def test_debug_shows_the_traceback_in_either_position(tmp_path):
+    for argv in (["--debug", "train"], ["train", "--debug"]):
+        with pytest.raises(MixtrainError, match="data directory not found"):
+            main([*argv, "--data", f"npz:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")])
+
+
+def test_command_exit_status_and_message(tmp_path):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "mixtrain", "train", "--data", f"npz:{tmp_path / 'nowhere'}",
+                        "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == f"error: data directory not found: {tmp_path / 'nowhere'}"
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,399 @@
+"""Checkpoints, resume, non-finite losses and seeds (CPU, tiny digits fixtures).
+
+A "crash" is simulated two ways: in-process, a Trainer subclass raises right after a chosen
+checkpoint is written (exactly what a kill at that moment leaves behind); and for real, the CLI
+runs as a subprocess that is killed with SIGKILL at random moments and resumed with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixtrain import MixOptions, TrainConfig, Trainer
+from mixtrain import models as M
+from mixtrain.cli import main
+from mixtrain.data import from_arrays
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two threads on a shared 2-core machine thrash badly; one thread is also what the
+    # subprocesses use (OMP_NUM_THREADS=1), so in-process and CLI runs compute the same numbers.
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+def digits_arrays(n_train=200, n_test=100):
+    """sklearn digits as uint8 NHWC 16x16x1 (values 0..255)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255 / 16)).astype(np.uint8).repeat(2, 1).repeat(2, 2)[..., None]
+    y = d.target.astype(np.int64)
+    return (x[:n_train], y[:n_train]), (x[n_train : n_train + n_test], y[n_train : n_train + n_test])
+
+
+def tiny_data():
+    train, test = digits_arrays()
+    return from_arrays("tiny", train, test, "tiny")
+
+
+@pytest.fixture(scope="module")
+def npz_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("npz")
+    (xtr, ytr), (xte, yte) = digits_arrays()
+    np.savez(root / "train_0.npz", x=xtr, y=ytr)
+    np.savez(root / "test.npz", x=xte, y=yte)
+    return root
+
+
+def config(out, **kw) -> TrainConfig:
+    # mix rule "fraction": half the samples are mixed from epoch 2 on, however little was learned
+    base = dict(data="tiny", model="digitnet", epochs=3, batch_size=16, lr=0.05, out=str(out), device="cpu",
+                deterministic=True, progress="none", mix=MixOptions(rule="fraction", fraction=0.5))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(Trainer):
+    """Dies right after writing the checkpoint described by ``crash_at`` (e.g. "end of epoch 2")."""
+
+    crash_at = None
+
+    def _save(self, where, plan=None, partial=None):
+        super()._save(where, plan, partial)
+        if where == self.crash_at:
+            raise Crash(where)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_timings(log):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in log]
+
+
+_reference: dict = {}
+
+
+def reference(method, tmp_path_factory):
+    """An uninterrupted deterministic run per method (cached: several tests compare with it)."""
+    if method not in _reference:
+        out = tmp_path_factory.mktemp(f"ref-{method}")
+        metrics = Trainer(config(out, method=method), tiny_data()).fit()
+        _reference[method] = (metrics, load_ckpt(out / "checkpoint.pt"))
+    return _reference[method]
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize(
+    "method,checkpoint_every,crash_at",
+    [
+        ("baseline", 0, "end of epoch 2"),
+        ("mixtrain", 0, "end of epoch 2"),
+        ("mixtrain", 4, "epoch 2, step 8"),  # mid-epoch: the plan of a mixed epoch is restored
+        ("baseline", 5, "epoch 3, step 5"),
+        ("cutmix", 4, "epoch 2, step 4"),  # naive mixing: soft labels, global pooling
+    ],
+)
+def test_resume_matches_uninterrupted_run(method, checkpoint_every, crash_at, tmp_path, tmp_path_factory):
+    ref_metrics, ref_state = reference(method, tmp_path_factory)
+    if method == "mixtrain":  # the test means something only if epochs 2-3 really mix
+        assert ref_metrics["passes"] < ref_metrics["samples"]
+        assert ref_metrics["epochs_log"][1]["mixed_fraction"] > 0
+
+    cfg = config(tmp_path, method=method, checkpoint_every=checkpoint_every)
+    crashed = CrashAfter(cfg, tiny_data())
+    crashed.crash_at = crash_at
+    with pytest.raises(Crash):
+        crashed.fit()
+    left = load_ckpt(tmp_path / "checkpoint.pt")
+    if checkpoint_every:
+        epoch, step = (int(s) for s in crash_at.replace("epoch ", "").replace("step ", "").split(", "))
+        assert (left["epoch"], left["step_in_epoch"]) == (epoch - 1, step)
+        assert left["plan"] is not None  # the epoch plan, for mixtrain built from the loss memory
+        assert left["partial"]["samples"] == left["plan"]["valid"][: step * 16].sum()  # LR position
+    else:
+        assert (left["epoch"], left["step_in_epoch"], left["plan"]) == (2, 0, None)
+    if method == "mixtrain":
+        assert torch.isfinite(left["strategy"]["memory"]["loss"][:-1]).all()  # the loss memory is saved
+
+    resumed = Trainer(config(tmp_path, method=method, checkpoint_every=checkpoint_every, resume=True), tiny_data()).fit()
+    for key in ("passes", "samples", "test_accuracy"):
+        assert resumed[key] == ref_metrics[key], key
+    assert without_timings(resumed["epochs_log"]) == without_timings(ref_metrics["epochs_log"])
+    assert all(row["seconds"] > 0 for row in resumed["epochs_log"])
+    final = load_ckpt(tmp_path / "checkpoint.pt")
+    assert same_tensors(final["model"], ref_state["model"])  # bit-identical weights
+    assert same_tensors(final["strategy"].get("memory", {}), ref_state["strategy"].get("memory", {}))
+    momentum = [s["momentum_buffer"] for s in final["optimizer"]["state"].values()]
+    ref_momentum = [s["momentum_buffer"] for s in ref_state["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, ref_momentum)) and momentum
+
+
+def test_resume_rewrites_csv_log_once_per_epoch(tmp_path):
+    cfg = config(tmp_path, epochs=2, csv=True)
+    crashed = CrashAfter(cfg, tiny_data())
+    crashed.crash_at = "end of epoch 1"  # killed after the checkpoint, before the CSV row was written
+    with pytest.raises(Crash):
+        crashed.fit()
+    Trainer(config(tmp_path, epochs=2, csv=True, resume=True), tiny_data()).fit()
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch", "1", "2"]
+
+
+def _cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _wait_for_new_checkpoint(path: Path, proc, after_ns: int, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if path.stat().st_mtime_ns != after_ns:
+                return True
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_sigkill_at_random_moments_leaves_loadable_checkpoint_and_resume_matches(npz_dir, tmp_path):
+    args = ["train", "--data", f"npz:{npz_dir}", "--model", "digitnet", "--method", "mixtrain", "--epochs", "3",
+            "--batch-size", "4", "--lr", "0.05", "--deterministic", "--device", "cpu", "--progress", "none",
+            "--mix-rule", "fraction"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0  # uninterrupted, in-process, one thread
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    ckpt = out / "checkpoint.pt"
+    cmd = [sys.executable, "-m", "mixtrain", *args, "--checkpoint-every", "1", "--out", str(out)]
+    rng = random.Random(20240607)
+    positions = []
+    for attempt in range(3):
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+        proc = subprocess.Popen(cmd + (["--resume"] if ckpt.exists() else []), env=_cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            if attempt == 0:
+                time.sleep(0.2)  # still starting up: nothing may be written yet
+            else:
+                assert _wait_for_new_checkpoint(ckpt, proc, before), proc.stderr.read().decode()
+                time.sleep(rng.uniform(0.0, 0.25))  # mid-step, or mid-save (a save every step)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stderr.close()
+        if ckpt.exists():
+            state = load_ckpt(ckpt)  # never a partial file: it always loads
+            assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+            positions.append((state["epoch"], state["step_in_epoch"]))
+        else:
+            assert attempt == 0, "a checkpoint existed and disappeared"
+        names = os.listdir(out) if out.exists() else []
+        assert all(not n.startswith("checkpoint") or n == "checkpoint.pt" for n in names)
+        if proc.returncode == 0:  # a very fast machine finished before the kill: nothing left to test
+            break
+    print("checkpoints left by the kills (epoch, step):", positions)
+    assert positions == sorted(positions) and positions and positions[0][0] < 3
+
+    assert main(args + ["--out", str(out), "--resume"]) == 0  # the last resume in-process: same code, no start-up
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # stale temporaries cleaned up
+    got = json.loads((out / "metrics.json").read_text())
+    for key in ("passes", "samples", "test_accuracy"):
+        assert got[key] == ref[key], key
+    assert without_timings(got["epochs_log"]) == without_timings(ref["epochs_log"])
+    assert same_tensors(load_ckpt(ckpt)["model"], load_ckpt(tmp_path / "ref" / "checkpoint.pt")["model"])
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from test_reliability import Crash, CrashAfter, config, tiny_data
+from mixtrain import Trainer
+
+out = {out!r}
+ref = Trainer(config(out + "/ref", method="mixtrain", batch_size=8), tiny_data()).fit()
+crashed = CrashAfter(config(out + "/run", method="mixtrain", batch_size=8, checkpoint_every=3), tiny_data())
+crashed.crash_at = "epoch 2, step 6"
+try:
+    crashed.fit()
+except Crash:
+    pass
+dist.barrier()
+got = Trainer(config(out + "/run", method="mixtrain", batch_size=8, checkpoint_every=3, resume=True), tiny_data()).fit()
+if int(os.environ["RANK"]) == 0:
+    json.dump({{"ref": ref, "got": got}}, open(out + "/both.json", "w"))
+"""
+
+
+def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path):
+    """Under torchrun (gloo, CPU) only rank 0 writes the checkpoint: it must hold the loss sum and
+    the loss memory of every rank, or the resumed run plans and reports differently."""
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                       env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    both = json.loads((tmp_path / "both.json").read_text())
+    ref, got = both["ref"], both["got"]
+    assert ref["world_size"] == 2 and ref["passes"] < ref["samples"]
+    for key in ("passes", "samples", "test_accuracy"):
+        assert got[key] == ref[key], key
+    assert without_timings(got["epochs_log"]) == without_timings(ref["epochs_log"])
+    final, ref_state = load_ckpt(tmp_path / "run" / "checkpoint.pt"), load_ckpt(tmp_path / "ref" / "checkpoint.pt")
+    assert same_tensors(final["model"], ref_state["model"])
+    assert same_tensors(final["strategy"]["memory"], ref_state["strategy"]["memory"])
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+class FaultyNet(M.DigitNet):
+    """A small DigitNet that goes wrong at training step ``at`` (1-based, counted over the run).
+
+    ``loss``: its features become NaN from then on. ``buffer``: a running statistic (like a
+    batch-norm running variance) becomes NaN, which leaves the training loss finite but the
+    weights unfit to keep.
+    """
+
+    def __init__(self, num_classes, in_chans, at: int, fault: str):
+        super().__init__(num_classes, in_chans, width=8)
+        self.at, self.fault, self.calls = at, fault, 0
+        self.register_buffer("running_stat", torch.zeros(4))
+
+    def forward_features(self, x):
+        f = super().forward_features(x)
+        if self.training:
+            self.calls += 1
+            if self.fault == "loss" and self.calls >= self.at:
+                f = f * float("nan")
+            if self.fault == "buffer" and self.calls == self.at:
+                self.running_stat.fill_(float("nan"))
+        return f
+
+
+def _train_cli(npz_dir, out, *extra, model="digitnet"):
+    return main(["train", "--data", f"npz:{npz_dir}", "--model", model, "--epochs", "3", "--batch-size", "20",
+                 "--lr", "0.05", "--device", "cpu", "--progress", "none", "--out", str(out), *extra])
+
+
+def _assert_checkpoint_of_epoch(path, epoch):
+    state = load_ckpt(path)
+    assert (state["epoch"], state["step_in_epoch"]) == (epoch, 0)
+    for name, t in state["model"].items():
+        if t.is_floating_point():
+            assert torch.isfinite(t).all(), name
+
+
+@pytest.mark.parametrize("method", ["baseline", "mixtrain"])
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(method, npz_dir, tmp_path, monkeypatch, capsys):
+    # 200 samples / batch 20 = 10 steps per epoch: step 14 of the run is epoch 2, step 4
+    monkeypatch.setitem(M.MODELS, "faulty", lambda nc, ic, s: FaultyNet(nc, ic, at=14, fault="loss"))
+    rc = _train_cli(npz_dir, tmp_path, "--method", method, model="faulty")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "non-finite loss at epoch 2, step 4" in err and "end of epoch 1" in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: non-finite loss")
+    _assert_checkpoint_of_epoch(tmp_path / "checkpoint.pt", 1)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_nan_loss_found_at_mid_epoch_checkpoint(npz_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(M.MODELS, "faulty", lambda nc, ic, s: FaultyNet(nc, ic, at=14, fault="loss"))
+    rc = _train_cli(npz_dir, tmp_path, "--checkpoint-every", "3", model="faulty")
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite loss at epoch 2, step 4" in err
+    assert "last good checkpoint: epoch 2, step 3" in err.lower()  # found at the step-6 check
+    state = load_ckpt(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 3)
+
+
+def test_non_finite_weights_with_finite_loss_are_never_checkpointed(npz_dir, tmp_path, monkeypatch, capsys):
+    # step 20 = the last step of epoch 2: its loss is finite, but the saved state would not be
+    monkeypatch.setitem(M.MODELS, "faulty", lambda nc, ic, s: FaultyNet(nc, ic, at=20, fault="buffer"))
+    rc = _train_cli(npz_dir, tmp_path, model="faulty")
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite weights at end of epoch 2" in err and "end of epoch 1" in err
+    _assert_checkpoint_of_epoch(tmp_path / "checkpoint.pt", 1)
+
+
+def test_huge_learning_rate_stops_cleanly(npz_dir, tmp_path, capsys):
+    rc = _train_cli(npz_dir, tmp_path, "--lr", "1e12", "--warmup", "0")
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: non-finite" in err and "epoch 1" in err and "Try a lower --lr" in err
+    assert not (tmp_path / "checkpoint.pt").exists()  # nothing good to keep
+
+
+# ------------------------------------------------------------------------------------------------
+# seeds
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path, tmp_path_factory):
+    ref_metrics, ref_state = reference("mixtrain", tmp_path_factory)
+    again = Trainer(config(tmp_path / "again", method="mixtrain"), tiny_data()).fit()
+    assert without_timings(again["epochs_log"]) == without_timings(ref_metrics["epochs_log"])
+    for key in ("passes", "samples", "test_accuracy"):
+        assert again[key] == ref_metrics[key]
+    assert same_tensors(load_ckpt(tmp_path / "again" / "checkpoint.pt")["model"], ref_state["model"])
+
+    other = Trainer(config(tmp_path / "other", method="mixtrain", seed=1), tiny_data()).fit()
+    other_state = load_ckpt(tmp_path / "other" / "checkpoint.pt")
+    assert not torch.equal(other_state["model"]["model.fc.weight"], ref_state["model"]["model.fc.weight"])
+    assert [r["train_loss"] for r in other["epochs_log"]] != [r["train_loss"] for r in ref_metrics["epochs_log"]]
+
+
+def test_save_atomic_keeps_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    from mixtrain import checkpoint as ckpt
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_atomic({"epoch": 1, "w": torch.ones(3)}, str(path))
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        ckpt.save_atomic({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert load_ckpt(path)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    (tmp_path / ".ckpt-x.tmp").write_bytes(b"left by a kill")  # what SIGKILL mid-save leaves
+    ckpt.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
