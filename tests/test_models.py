@@ -303,7 +303,7 @@ class MaxPoolNet(nn.Module):
 
 
 def test_body_without_spatial_output_is_refused():
-    with pytest.raises(MixtrainError, match=r"no spatial body: forward_features gives \(2, 4\)"):
+    with pytest.raises(MixtrainError, match=r"FlatNet has no spatial body: forward_features gives shape \(1, 4\)"):
         adapt(FlatNet(), 8)
 
 

@@ -298,21 +298,9 @@ class FolderData:
         return self
 
     def test_loader(self, batch_size: int, pin: bool):
-        """(uint8 images, labels) batches of the val split, in folder order."""
-        loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(
             self.test_set, batch_size=batch_size, num_workers=self.workers, pin_memory=pin
         )
-        return _clean_worker_errors(loader)
-
-
-def _clean_worker_errors(loader):
-    """Iterate ``loader``; a worker's MixtrainError (an unreadable file) comes out without its traceback."""
-    from .stream import worker_message
-
-    try:
-        yield from loader
-    except MixtrainError as e:
-        raise MixtrainError(worker_message(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,21 +194,21 @@ class _TorchvisionBody(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# name -> (builder(num_classes, in_chans, image_size), one-line description)
+# name -> builder(num_classes, in_chans, image_size); the final grid at the size each is made for
 MODELS = {
-    "digitnet": (lambda nc, ic, s: DigitNet(nc, ic), "small CNN for 16x16 digits (16 px -> 4x4 grid)"),
-    "resnet18": (lambda nc, ic, s: CifarResNet(BasicBlock, (2, 2, 2, 2), nc, ic), "CIFAR ResNet-18 (32 px -> 4x4)"),
-    "resnet34": (lambda nc, ic, s: CifarResNet(BasicBlock, (3, 4, 6, 3), nc, ic), "CIFAR ResNet-34 (32 px -> 4x4)"),
-    "resnet50": (lambda nc, ic, s: CifarResNet(Bottleneck, (3, 4, 6, 3), nc, ic), "CIFAR ResNet-50 (32 px -> 4x4)"),
-    "mobilenetv2": (lambda nc, ic, s: _cifar_mobilenetv2(nc, ic), "CIFAR MobileNetV2 (32 px -> 4x4)"),
-    "vit_tiny": (lambda nc, ic, s: _vit("tiny", 4, nc, ic, s), "ViT-Tiny, patch 4, no class token, average pool (32 px -> 8x8 tokens)"),
-    "vit_small": (lambda nc, ic, s: _vit("small", 4, nc, ic, s), "ViT-Small, patch 4, no class token, average pool (32 px -> 8x8 tokens)"),
-    "resnet18_224": (lambda nc, ic, s: _imagenet_resnet(18, nc, ic), "torchvision ResNet-18 (224 px -> 7x7)"),
-    "resnet34_224": (lambda nc, ic, s: _imagenet_resnet(34, nc, ic), "torchvision ResNet-34 (224 px -> 7x7)"),
-    "resnet50_224": (lambda nc, ic, s: _imagenet_resnet(50, nc, ic), "torchvision ResNet-50 (224 px -> 7x7)"),
-    "mobilenetv2_224": (lambda nc, ic, s: _imagenet_mobilenetv2(nc, ic), "torchvision MobileNetV2 (224 px -> 7x7)"),
-    "vit_tiny_224": (lambda nc, ic, s: _vit("tiny", 16, nc, ic, s), "ViT-Tiny, patch 16, no class token, average pool (224 px -> 14x14 tokens)"),
-    "vit_small_224": (lambda nc, ic, s: _vit("small", 16, nc, ic, s), "ViT-Small, patch 16, no class token, average pool (224 px -> 14x14 tokens)"),
+    "digitnet": lambda nc, ic, s: DigitNet(nc, ic),  # small CNN for 16x16 digits (16 px -> 4x4 grid)
+    "resnet18": lambda nc, ic, s: CifarResNet(BasicBlock, (2, 2, 2, 2), nc, ic),  # CIFAR ResNet-18 (32 px -> 4x4)
+    "resnet34": lambda nc, ic, s: CifarResNet(BasicBlock, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-34 (32 px -> 4x4)
+    "resnet50": lambda nc, ic, s: CifarResNet(Bottleneck, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-50 (32 px -> 4x4)
+    "mobilenetv2": lambda nc, ic, s: _cifar_mobilenetv2(nc, ic),  # CIFAR MobileNetV2 (32 px -> 4x4)
+    "vit_tiny": lambda nc, ic, s: _vit("tiny", 4, nc, ic, s),  # ViT-Tiny, patch 4, no class token, average pool (32 px -> 8x8 tokens)
+    "vit_small": lambda nc, ic, s: _vit("small", 4, nc, ic, s),  # ViT-Small, patch 4, no class token, average pool (32 px -> 8x8 tokens)
+    "resnet18_224": lambda nc, ic, s: _imagenet_resnet(18, nc, ic),  # torchvision ResNet-18 (224 px -> 7x7)
+    "resnet34_224": lambda nc, ic, s: _imagenet_resnet(34, nc, ic),  # torchvision ResNet-34 (224 px -> 7x7)
+    "resnet50_224": lambda nc, ic, s: _imagenet_resnet(50, nc, ic),  # torchvision ResNet-50 (224 px -> 7x7)
+    "mobilenetv2_224": lambda nc, ic, s: _imagenet_mobilenetv2(nc, ic),  # torchvision MobileNetV2 (224 px -> 7x7)
+    "vit_tiny_224": lambda nc, ic, s: _vit("tiny", 16, nc, ic, s),  # ViT-Tiny, patch 16, no class token, average pool (224 px -> 14x14 tokens)
+    "vit_small_224": lambda nc, ic, s: _vit("small", 16, nc, ic, s),  # ViT-Small, patch 16, no class token, average pool (224 px -> 14x14 tokens)
 }
 
 MODEL_HELP = (
@@ -265,7 +265,7 @@ def create_model(name: str, num_classes: int, in_chans: int, image_size) -> nn.M
         return _create_timm(name[5:], num_classes, in_chans, image_size)
     if name not in MODELS:
         raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
-    return MODELS[name][0](num_classes, in_chans, image_size)
+    return MODELS[name](num_classes, in_chans, image_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,19 +315,16 @@ class SpatialModel(nn.Module):
     def _probe(self, in_chans: int) -> tuple[int, int]:
         name = type(self.model).__name__
         h, w = self.image_size
-        try:
-            p = next(self.model.parameters())
-        except StopIteration:
-            raise MixtrainError(f"{name} has no parameters to train") from None
+        p = next(self.model.parameters(), torch.empty(0))  # probe on the model's device and dtype
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 if p.device.type == "meta":
-                    x = torch.empty(2, in_chans, h, w, device="meta", dtype=p.dtype)
+                    x = torch.empty(1, in_chans, h, w, device="meta", dtype=p.dtype)
                 else:  # random, so that pools that differ (avg, max, token) give different results
                     g = torch.Generator().manual_seed(0)
-                    x = torch.randn(2, in_chans, h, w, generator=g).to(p.device, p.dtype)
+                    x = torch.randn(1, in_chans, h, w, generator=g).to(p.device, p.dtype)
                 try:
                     f = self.model.forward_features(x)
                 except Exception as e:
@@ -343,7 +340,7 @@ class SpatialModel(nn.Module):
         if not isinstance(f, torch.Tensor) or f.ndim not in (3, 4):
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise MixtrainError(
-                f"{name} has no spatial body: forward_features gives {shape}, not a feature map "
+                f"{name} has no spatial body: forward_features gives shape {shape}, not a feature map "
                 "[B, C, h, w] / [B, h, w, C] or patch tokens [B, N, C]"
             )
         m = self.model
@@ -392,11 +389,14 @@ class SpatialModel(nn.Module):
     def _check_head(self, f, name: str):
         """Averaging the whole grid then applying our head must equal the model's own head."""
         try:
-            theirs = self.model.forward_head(f, pre_logits=True)
-        except TypeError:
-            theirs = self.model.forward_head(f)
+            try:
+                theirs, pre = self.model.forward_head(f, pre_logits=True), True
+            except TypeError:  # a head without timm's pre_logits switch
+                theirs, pre = self.model.forward_head(f), False
+        except Exception as e:
+            raise MixtrainError(f"{name}: its head failed on the body's output ({type(e).__name__}: {e})") from e
         try:
-            ours = self._head(self._pool_all(f), pre_logits=True)
+            ours = self._head(self._pool_all(f), pre_logits=pre)
         except Exception as e:
             raise MixtrainError(f"{name}: its head does not accept one pooled vector per sample ({type(e).__name__}: {e})") from e
         if theirs.shape != ours.shape or not torch.allclose(

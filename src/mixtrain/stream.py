@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import MixtrainError
-
 
 class _PlanSampler(torch.utils.data.Sampler):
     """Yields one list of dataset indices per step, in step order."""
@@ -77,21 +75,7 @@ class FolderStream:
         if j != self.next_j:
             raise RuntimeError(f"folder stream read out of order: step {j}, expected {self.next_j}")
         self.next_j += 1
-        try:
-            images = next(self.it)
-        except MixtrainError as e:  # a worker could not read a file: keep the message, drop the traceback
-            raise MixtrainError(worker_message(e)) from None
-        images = images.to(self.device, non_blocking=True)
+        images = next(self.it).to(self.device, non_blocking=True)
         src = self.local[j - self.start].to(self.device, non_blocking=True)
         return images, src
 
-
-def worker_message(e: Exception) -> str:
-    """The original message of an exception re-raised from a DataLoader worker."""
-    text = str(e).rstrip()
-    last = text.splitlines()[-1] if text else ""
-    prefix = f"{MixtrainError.__module__}.{MixtrainError.__name__}: "
-    for p in (prefix, "MixtrainError: "):
-        if last.startswith(p):
-            return last[len(p):]
-    return last or text
