@@ -2,9 +2,16 @@
 
 Every model here follows timm's convention: ``forward_features(x)`` returns the body's final
 spatial features and ``forward_head(x)`` pools them and classifies. :class:`SpatialModel` is the
-only place in mixtrain that knows a model's internals: it turns the body's output into a grid
-``[B, C, h, w]`` (CNN feature maps as they are; ViT patch tokens laid back on their patch grid),
-pools it per region, and applies the shared head to each pooled vector.
+only place in mixtrain that knows a model's internals: it reads the body's output (NCHW or NHWC
+feature maps, or ViT tokens whose prefix tokens it skips and whose patch tokens lie on the patch
+grid), pools it per region, and applies the model's own head to each pooled vector. It reports
+the final feature grid and refuses, with a :class:`MixtrainError`, a body without spatial output
+or a head that does not average (class-token, attention or max pooling).
+
+Models: CIFAR-style ones for small images (full-resolution stems; ViTs with 4-pixel patches and no
+class token), ImageNet-style ``*_224`` ones (torchvision ResNets and MobileNetV2, ViTs with
+16-pixel patches), and ``timm:NAME`` for timm models, built with the image size, average pooling
+and no class token wherever the model takes those options.
 """
 
 from __future__ import annotations
@@ -212,9 +219,10 @@ MODELS = {
 }
 
 MODEL_HELP = (
-    "CIFAR-style (full-resolution stem, for 32 px images): "
+    "small-image models (CIFAR-style full-resolution stem: 32 px ends on a 4x4 grid; ViTs with "
+    "4-pixel patches: 8x8 tokens): "
     + ", ".join(n for n in MODELS if not n.endswith("_224"))
-    + "; ImageNet-style (stride-32 stem or 16-pixel patches, for 224 px images): "
+    + "; ImageNet-style (stride-32 stem: 224 px ends on 7x7; ViTs with 16-pixel patches: 14x14): "
     + ", ".join(n for n in MODELS if n.endswith("_224"))
     + "; or timm:NAME for any timm model whose body gives a spatial feature map or patch tokens "
     "(built without pretrained weights; ViTs with global_pool='avg' and no class token where the model allows). "
