@@ -149,7 +149,6 @@ def sync(device):
 
 def measure(data, step, plan_kind, mode, workers, batch_size, epochs, device) -> dict:
     """Time ``epochs`` epochs of one mode; the first is untimed."""
-    data.workers = workers
     norm = Normalizer(data.mean, data.std, device)
     augment = Augment(pad=0, flip=True)
     labels = data.train_y

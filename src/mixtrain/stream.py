@@ -57,7 +57,8 @@ class FolderStream:
         index = batches.plan.index.reshape(n, b, -1)[start:]
         box = batches.plan.box.reshape(n, b, -1, 4)[start:]
         self.lists, local = step_lists(index, box)
-        self.local = torch.from_numpy(np.stack(local)) if local else torch.zeros(0, b, 1, dtype=torch.int64)
+        local = torch.from_numpy(np.stack(local)) if local else torch.zeros(0, b, 1, dtype=torch.int64)
+        self.local = local.to(device)  # all steps' slot positions in one copy; a step then takes a view
         self.start = start
         self.device = device
         self.loader = torch.utils.data.DataLoader(
@@ -76,6 +77,5 @@ class FolderStream:
             raise RuntimeError(f"folder stream read out of order: step {j}, expected {self.next_j}")
         self.next_j += 1
         images = next(self.it).to(self.device, non_blocking=True)
-        src = self.local[j - self.start].to(self.device, non_blocking=True)
-        return images, src
+        return images, self.local[j - self.start]
 
