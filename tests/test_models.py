@@ -212,6 +212,11 @@ def test_timm_model_that_only_pools_its_class_token_is_refused():
         create_model("timm:deit_tiny_distilled_patch16_224", 10, 3, 224)
 
 
+def test_vit_input_not_a_whole_number_of_patches_is_refused():
+    with pytest.raises(MixtrainError, match="multiple of 4"):
+        adapt(tiny_vit(img_size=18), 18)  # 4 patches of 4 pixels and 2 pixels left over
+
+
 def test_tokens_off_the_patch_grid_are_refused():
     with torch.device("meta"), pytest.raises(MixtrainError, match="do not lie on a known patch grid.*multiple of 64"):
         adapt(create_model("timm:levit_128s", 10, 3, 224), 224)

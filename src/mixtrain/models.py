@@ -372,9 +372,10 @@ class SpatialModel(nn.Module):
         if getattr(m, "attn_pool", None) is not None or getattr(m, "pool_include_prefix", False):
             raise MixtrainError(f"{name} pools with attention or includes prefix tokens; mixtrain needs global_pool='avg'")
         strides = self._token_strides()
-        for sy, sx in strides:
-            if sy > 0 and sx > 0 and (self.image_size[0] // sy) * (self.image_size[1] // sx) == n:
-                return self.image_size[0] // sy, self.image_size[1] // sx
+        h, w = self.image_size
+        for sy, sx in strides:  # whole patches only, so region boundaries fall on patch boundaries
+            if sy > 0 and sx > 0 and h % sy == 0 and w % sx == 0 and (h // sy) * (w // sx) == n:
+                return h // sy, w // sx
         hint = f" (try an image size that is a multiple of {max(strides[-1])})" if strides else ""
         raise MixtrainError(
             f"{name}: its {n} output tokens do not lie on a known patch grid of the "
