@@ -32,7 +32,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     m = MixOptions()
     g = p.add_argument_group("run")
     g.add_argument("--data", default=d.data, help=f"dataset: {DATA_HELP}")
-    g.add_argument("--model", default=d.model, help=f"model: auto (digitnet for digits, resnet18 otherwise), {MODEL_HELP}")
+    g.add_argument("--model", default=d.model, help=f"model: auto (digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise); {MODEL_HELP}")
     if not multi:
         g.add_argument("--method", default=d.method, help=f"training method: {METHODS}")
         g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (passes over the training set)")

@@ -2,9 +2,16 @@
 
 Every model here follows timm's convention: ``forward_features(x)`` returns the body's final
 spatial features and ``forward_head(x)`` pools them and classifies. :class:`SpatialModel` is the
-only place in mixtrain that knows a model's internals: it turns the body's output into a grid
-``[B, C, h, w]`` (CNN feature maps as they are; ViT patch tokens laid back on their patch grid),
-pools it per region, and applies the shared head to each pooled vector.
+only place in mixtrain that knows a model's internals: it reads the body's output (NCHW or NHWC
+feature maps, or ViT tokens whose prefix tokens it skips and whose patch tokens lie on the patch
+grid), pools it per region, and applies the model's own head to each pooled vector. It reports
+the final feature grid and refuses, with a :class:`MixtrainError`, a body without spatial output
+or a head that does not average (class-token, attention or max pooling).
+
+Models: CIFAR-style ones for small images (full-resolution stems; ViTs with 4-pixel patches and no
+class token), ImageNet-style ``*_224`` ones (torchvision ResNets and MobileNetV2, ViTs with
+16-pixel patches), and ``timm:NAME`` for timm models, built with the image size, average pooling
+and no class token wherever the model takes those options.
 """
 
 from __future__ import annotations
@@ -114,15 +121,19 @@ class DigitNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _timm_vit(width: str, num_classes, in_chans, image_size):
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _vit(width: str, patch: int, num_classes, in_chans, image_size):
     from timm.models.vision_transformer import VisionTransformer
 
     dims = {"tiny": (192, 3), "small": (384, 6)}[width]
-    # Patch 4 on 32x32 gives an 8x8 token grid. No class token: each constituent's prediction
-    # comes from the average of its own patch tokens, never from a token that saw all of them.
+    # No class token and average pooling: each constituent's prediction comes from the average
+    # of its own patch tokens, never from a token that summarises the whole composite.
     return VisionTransformer(
-        img_size=image_size,
-        patch_size=4 if image_size <= 64 else 16,
+        img_size=_pair(image_size),
+        patch_size=patch,
         in_chans=in_chans,
         num_classes=num_classes,
         embed_dim=dims[0],
@@ -133,19 +144,39 @@ def _timm_vit(width: str, num_classes, in_chans, image_size):
     )
 
 
-def _cifar_mobilenetv2(num_classes, in_chans, image_size):
+def _cifar_mobilenetv2(num_classes, in_chans):
     from torchvision.models import MobileNetV2
 
     # torchvision's MobileNetV2 with the CIFAR strides: stem stride 1 and the second stage at
     # stride 1, so 32x32 ends on 4x4 as the CIFAR ResNets do.
     setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
     m = MobileNetV2(num_classes=num_classes, inverted_residual_setting=setting)
+    old = m.features[0][0]
+    m.features[0][0] = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(m.features[0][0].weight, mode="fan_out")
+    return _TorchvisionBody(m.features, m.classifier)
+
+
+def _imagenet_mobilenetv2(num_classes, in_chans):
+    from torchvision.models import mobilenet_v2
+
+    m = mobilenet_v2(num_classes=num_classes)
     if in_chans != 3:
         old = m.features[0][0]
-        m.features[0][0] = nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False)
-    else:
-        m.features[0][0].stride = (1, 1)
+        m.features[0][0] = nn.Conv2d(in_chans, old.out_channels, 3, 2, 1, bias=False)
+        nn.init.kaiming_normal_(m.features[0][0].weight, mode="fan_out")
     return _TorchvisionBody(m.features, m.classifier)
+
+
+def _imagenet_resnet(depth: int, num_classes, in_chans):
+    import torchvision.models as tvm
+
+    m = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50}[depth](num_classes=num_classes)
+    if in_chans != 3:
+        m.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
+    body = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return _TorchvisionBody(body, m.fc)
 
 
 class _TorchvisionBody(nn.Module):
@@ -155,6 +186,8 @@ class _TorchvisionBody(nn.Module):
         super().__init__()
         self.features = features
         self.classifier = classifier
+        last = [m for m in classifier.modules() if isinstance(m, nn.Linear)][-1]
+        self.num_features = last.in_features
 
     def forward_features(self, x):
         return self.features(x)
@@ -168,20 +201,43 @@ class _TorchvisionBody(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# name -> builder(num_classes, in_chans, image_size); the final grid at the size each is made for
 MODELS = {
-    "digitnet": lambda nc, ic, s: DigitNet(nc, ic),
-    "resnet18": lambda nc, ic, s: CifarResNet(BasicBlock, (2, 2, 2, 2), nc, ic),
-    "resnet34": lambda nc, ic, s: CifarResNet(BasicBlock, (3, 4, 6, 3), nc, ic),
-    "resnet50": lambda nc, ic, s: CifarResNet(Bottleneck, (3, 4, 6, 3), nc, ic),
-    "mobilenetv2": lambda nc, ic, s: _cifar_mobilenetv2(nc, ic, s),
-    "vit_tiny": lambda nc, ic, s: _timm_vit("tiny", nc, ic, s),
-    "vit_small": lambda nc, ic, s: _timm_vit("small", nc, ic, s),
+    "digitnet": lambda nc, ic, s: DigitNet(nc, ic),  # small CNN for 16x16 digits (16 px -> 4x4 grid)
+    "resnet18": lambda nc, ic, s: CifarResNet(BasicBlock, (2, 2, 2, 2), nc, ic),  # CIFAR ResNet-18 (32 px -> 4x4)
+    "resnet34": lambda nc, ic, s: CifarResNet(BasicBlock, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-34 (32 px -> 4x4)
+    "resnet50": lambda nc, ic, s: CifarResNet(Bottleneck, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-50 (32 px -> 4x4)
+    "mobilenetv2": lambda nc, ic, s: _cifar_mobilenetv2(nc, ic),  # CIFAR MobileNetV2 (32 px -> 4x4)
+    "vit_tiny": lambda nc, ic, s: _vit("tiny", 4, nc, ic, s),  # ViT-Tiny, patch 4, no class token, average pool (32 px -> 8x8 tokens)
+    "vit_small": lambda nc, ic, s: _vit("small", 4, nc, ic, s),  # ViT-Small, patch 4, no class token, average pool (32 px -> 8x8 tokens)
+    "resnet18_224": lambda nc, ic, s: _imagenet_resnet(18, nc, ic),  # torchvision ResNet-18 (224 px -> 7x7)
+    "resnet34_224": lambda nc, ic, s: _imagenet_resnet(34, nc, ic),  # torchvision ResNet-34 (224 px -> 7x7)
+    "resnet50_224": lambda nc, ic, s: _imagenet_resnet(50, nc, ic),  # torchvision ResNet-50 (224 px -> 7x7)
+    "mobilenetv2_224": lambda nc, ic, s: _imagenet_mobilenetv2(nc, ic),  # torchvision MobileNetV2 (224 px -> 7x7)
+    "vit_tiny_224": lambda nc, ic, s: _vit("tiny", 16, nc, ic, s),  # ViT-Tiny, patch 16, no class token, average pool (224 px -> 14x14 tokens)
+    "vit_small_224": lambda nc, ic, s: _vit("small", 16, nc, ic, s),  # ViT-Small, patch 16, no class token, average pool (224 px -> 14x14 tokens)
 }
 
 MODEL_HELP = (
-    f"{', '.join(MODELS)} (CIFAR-style: full resolution stem, 32x32 ends on a 4x4 grid; "
-    "ViTs use 4x4 patches at 32 px), or timm:NAME for any timm model whose body gives a "
-    "spatial feature map or patch tokens (e.g. timm:resnet50 at 224 px, no pretrained weights)"
+    "small-image models (CIFAR-style full-resolution stem: 32 px ends on a 4x4 grid; ViTs with "
+    "4-pixel patches: 8x8 tokens): "
+    + ", ".join(n for n in MODELS if not n.endswith("_224"))
+    + "; ImageNet-style (stride-32 stem: 224 px ends on 7x7; ViTs with 16-pixel patches: 14x14): "
+    + ", ".join(n for n in MODELS if n.endswith("_224"))
+    + "; or timm:NAME for any timm model whose body gives a spatial feature map or patch tokens "
+    "(built without pretrained weights; ViTs with global_pool='avg' and no class token where the model allows). "
+    "Every model is built for the data's image size; the run's config.json records the final feature grid"
+)
+
+# timm keyword sets tried in order, most wanted first: not every timm model takes an image size, a
+# pooling choice or a class-token switch, and each says so by raising at construction.
+_TIMM_TRIES = (
+    ("img_size", "global_pool", "class_token"),
+    ("img_size", "global_pool"),
+    ("global_pool", "class_token"),
+    ("global_pool",),
+    ("img_size",),
+    (),
 )
 
 
@@ -195,19 +251,36 @@ def check_model_name(name: str):
         raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
 
 
-def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
-    """Build ``name`` (see :data:`MODEL_HELP`), untrained."""
-    if name.startswith("timm:"):
-        import timm
+def _create_timm(tname: str, num_classes: int, in_chans: int, image_size) -> nn.Module:
+    import timm
 
-        tname = name[5:]
-        if not timm.is_model(tname):
-            raise MixtrainError(f"unknown timm model {tname!r} (see timm.list_models())")
-        kwargs = dict(num_classes=num_classes, in_chans=in_chans, pretrained=False)
+    if not tname or not timm.is_model(tname):
+        raise MixtrainError(f"unknown timm model {tname!r} (see timm.list_models())")
+    wanted = {"img_size": _pair(image_size), "global_pool": "avg", "class_token": False}
+    errors = []
+    for keys in _TIMM_TRIES:
         try:
-            return timm.create_model(tname, img_size=image_size, global_pool="avg", class_token=False, **kwargs)
-        except TypeError:
-            return timm.create_model(tname, **kwargs)
+            net = timm.create_model(
+                tname, pretrained=False, num_classes=num_classes, in_chans=in_chans, **{k: wanted[k] for k in keys}
+            )
+        except (TypeError, AssertionError, ValueError) as e:  # a keyword this model does not take
+            errors.append(f"{', '.join(keys) or 'no options'}: {type(e).__name__}: {e}")
+            continue
+        pool = getattr(net, "global_pool", None)
+        if "global_pool" not in keys and isinstance(pool, str) and pool != "avg":
+            raise MixtrainError(
+                f"timm model {tname!r} cannot be built with global_pool='avg' (it pools with {pool!r}); "
+                "mixtrain needs a head that averages the body's features, so each constituent can be pooled alone"
+            )
+        net.mixtrain_timm_options = {k: wanted[k] for k in keys}  # what the model accepted, for the record
+        return net
+    raise MixtrainError(f"could not build timm model {tname!r}: " + "; ".join(errors[-2:]))
+
+
+def create_model(name: str, num_classes: int, in_chans: int, image_size) -> nn.Module:
+    """Build ``name`` (see :data:`MODEL_HELP`) untrained, for images of ``image_size`` (int or (H, W))."""
+    if name.startswith("timm:"):
+        return _create_timm(name[5:], num_classes, in_chans, image_size)
     if name not in MODELS:
         raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
     return MODELS[name](num_classes, in_chans, image_size)
@@ -217,13 +290,25 @@ def create_model(name: str, num_classes: int, in_chans: int, image_size: int) ->
 # The adapter
 
 
+def _fmt(value) -> str:
+    """timm's output_fmt as a plain string (timm uses a str Enum)."""
+    return str(getattr(value, "value", value) or "")
+
+
 class SpatialModel(nn.Module):
     """A classifier seen as body -> (region) pooling -> head.
 
-    ``forward(x)`` is the plain model (global average pooling). ``forward(x, pool_masks)`` with
-    ``pool_masks [B, K, h, w]`` (each region's indicator divided by its area) returns one logit
-    vector per region, ``[B, K, classes]``: the body runs once on the composite, the head once
-    per constituent.
+    ``forward(x)`` is the plain model (its own global average pooling). ``forward(x, pool_masks)``
+    with ``pool_masks [B, K, h, w]`` (each region's indicator divided by its area) returns one
+    logit vector per region, ``[B, K, classes]``: the body runs once on the composite, the head
+    once per constituent.
+
+    The body's output may be a feature map in NCHW (CNNs) or NHWC (timm's Swin, MambaOut, ...)
+    layout, or tokens ``[B, P + h*w, C]`` of which the first ``P`` are prefix tokens (class or
+    register tokens, never pooled) and the rest patch tokens on an ``h x w`` grid. Construction
+    probes the model once and refuses (:class:`MixtrainError`) a body without spatial output, or a
+    head that does not average the body's features (class-token, attention or max pooling):
+    pooling each region then applying the head is checked to equal the model's own head.
     """
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], in_chans: int):
@@ -234,78 +319,171 @@ class SpatialModel(nn.Module):
                 "give it timm's two methods or use a timm model"
             )
         self.model = model
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.nhwc = getattr(model, "output_fmt", "NCHW") in ("NHWC", getattr(_fmt_nhwc(), "value", "NHWC"))
-        self.tokens = False
-        self.image_size = tuple(image_size)
-        self.grid = self._probe_grid(in_chans)
+        self.image_size = _pair(image_size)
+        self.layout = "NCHW"  # NCHW | NHWC | NLC (tokens)
+        self.num_prefix_tokens = 0
+        self.grid = self._probe(in_chans)
 
-    def _probe_grid(self, in_chans: int) -> tuple[int, int]:
+    @property
+    def tokens(self) -> bool:
+        return self.layout == "NLC"
+
+    # -- construction -----------------------------------------------------------------------
+
+    def _probe(self, in_chans: int) -> tuple[int, int]:
+        name = type(self.model).__name__
         h, w = self.image_size
+        p = next(self.model.parameters(), torch.empty(0))  # probe on the model's device and dtype
         was_training = self.model.training
         self.model.eval()
         # a model without parameters (all fixed ops) probes on the CPU in float32
         p = next(self.model.parameters(), torch.zeros(()))
         try:
             with torch.no_grad():
-                f = self.model.forward_features(torch.zeros(1, in_chans, h, w, device=p.device, dtype=p.dtype))
-        except Exception as e:
-            raise MixtrainError(f"{type(self.model).__name__} failed on a {in_chans}x{h}x{w} input: {e}") from e
+                if p.device.type == "meta":
+                    x = torch.empty(1, in_chans, h, w, device="meta", dtype=p.dtype)
+                else:  # random, so that pools that differ (avg, max, token) give different results
+                    g = torch.Generator().manual_seed(0)
+                    x = torch.randn(1, in_chans, h, w, generator=g).to(p.device, p.dtype)
+                try:
+                    f = self.model.forward_features(x)
+                except Exception as e:
+                    raise MixtrainError(f"{name} failed on a {in_chans}x{h}x{w} input: {type(e).__name__}: {e}") from e
+                grid = self._read_layout(f, name)
+                if p.device.type != "meta":
+                    self._check_head(f, name)
         finally:
             self.model.train(was_training)
+        return grid
+
+    def _read_layout(self, f, name: str) -> tuple[int, int]:
+        if not isinstance(f, torch.Tensor) or f.ndim not in (3, 4):
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise MixtrainError(
+                f"{name} has no spatial body: forward_features gives shape {shape}, not a feature map "
+                "[B, C, h, w] / [B, h, w, C] or patch tokens [B, N, C]"
+            )
+        m = self.model
         if f.ndim == 4:
-            gh, gw = (f.shape[1], f.shape[2]) if self.nhwc else (f.shape[2], f.shape[3])
-            return int(gh), int(gw)
-        if f.ndim == 3:
-            self.tokens = True
-            grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
-            n = f.shape[1] - self.num_prefix_tokens
-            if grid is None or grid[0] * grid[1] != n:
-                raise MixtrainError(
-                    f"{type(self.model).__name__}: {n} patch tokens that do not lie on a known patch grid"
-                )
-            pool = getattr(self.model, "global_pool", "avg")
-            if pool not in ("avg", ""):
-                raise MixtrainError(
-                    f"{type(self.model).__name__} pools with {pool!r}; mixtrain needs average pooling of "
-                    "patch tokens (create it with global_pool='avg')"
-                )
-            return int(grid[0]), int(grid[1])
+            fmt = _fmt(getattr(m, "output_fmt", ""))
+            if fmt not in ("NCHW", "NHWC"):  # not declared: the channel count tells
+                c = getattr(m, "num_features", None)
+                fmt = "NHWC" if (c is not None and f.shape[3] == c and f.shape[1] != c) else "NCHW"
+            self.layout = fmt
+            return (int(f.shape[1]), int(f.shape[2])) if fmt == "NHWC" else (int(f.shape[2]), int(f.shape[3]))
+        # tokens: prefix tokens first, then patch tokens in row-major order of the patch grid
+        self.layout = "NLC"
+        self.num_prefix_tokens = int(getattr(m, "num_prefix_tokens", 0) or 0)
+        n = int(f.shape[1]) - self.num_prefix_tokens
+        pool = getattr(m, "global_pool", "avg")
+        if isinstance(pool, str) and pool != "avg":
+            raise MixtrainError(
+                f"{name} pools its tokens with {pool!r}; mixtrain needs the average of the patch tokens "
+                "(create it with global_pool='avg', and no class token where it allows)"
+            )
+        if getattr(m, "attn_pool", None) is not None or getattr(m, "pool_include_prefix", False):
+            raise MixtrainError(f"{name} pools with attention or includes prefix tokens; mixtrain needs global_pool='avg'")
+        strides = self._token_strides()
+        h, w = self.image_size
+        for sy, sx in strides:  # whole patches only, so region boundaries fall on patch boundaries
+            if sy > 0 and sx > 0 and h % sy == 0 and w % sx == 0 and (h // sy) * (w // sx) == n:
+                return h // sy, w // sx
+        hint = f" (try an image size that is a multiple of {max(strides[-1])})" if strides else ""
         raise MixtrainError(
-            f"{type(self.model).__name__} has no spatial body: forward_features gives shape "
-            f"{tuple(f.shape)}, not a feature map [B,C,h,w] or patch tokens [B,N,C]"
+            f"{name}: its {n} output tokens do not lie on a known patch grid of the "
+            f"{self.image_size[0]}x{self.image_size[1]} input, so they cannot be split into regions{hint}"
         )
 
+    def _token_strides(self) -> list[tuple[int, int]]:
+        """Candidate pixel strides of the output tokens: the patch embedding's patch size, the last stage's."""
+        m = self.model
+        strides = []
+        for attr in ("patch_embed", "stem"):
+            ps = getattr(getattr(m, attr, None), "patch_size", None)
+            if ps is not None:
+                strides.append(_pair(ps))
+        info = getattr(m, "feature_info", None)
+        if isinstance(info, list) and info and isinstance(info[-1], dict) and "reduction" in info[-1]:
+            strides.append(_pair(info[-1]["reduction"]))
+        return strides
+
+    def _check_head(self, f, name: str):
+        """Averaging the whole grid then applying our head must equal the model's own head."""
+        try:
+            try:
+                theirs, pre = self.model.forward_head(f, pre_logits=True), True
+            except TypeError:  # a head without timm's pre_logits switch
+                theirs, pre = self.model.forward_head(f), False
+        except Exception as e:
+            raise MixtrainError(f"{name}: its head failed on the body's output ({type(e).__name__}: {e})") from e
+        try:
+            ours = self._head(self._pool_all(f), pre_logits=pre)
+        except Exception as e:
+            raise MixtrainError(f"{name}: its head does not accept one pooled vector per sample ({type(e).__name__}: {e})") from e
+        if theirs.shape != ours.shape or not torch.allclose(
+            ours.float(), theirs.float(), rtol=1e-3, atol=1e-4 * (1.0 + float(theirs.abs().max()))
+        ):
+            raise MixtrainError(
+                f"{name}: its head does not average the body's features over the grid (class-token, "
+                "attention or max pooling?); mixtrain pools each constituent's region by averaging. "
+                "Build it with global_pool='avg' and no class token"
+            )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _patch_tokens(self, f):
+        return f[:, self.num_prefix_tokens :] if self.num_prefix_tokens else f
+
+    def _pool_all(self, f):
+        if self.layout == "NLC":
+            return self._patch_tokens(f).mean(1)
+        return f.mean((1, 2)) if self.layout == "NHWC" else f.mean((2, 3))
+
+    def _head(self, pooled: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits from pooled vectors ``[M, C]`` through the model's own head."""
+        if self.layout == "NLC":
+            # the head averages patch tokens (checked at construction): hand it one token, after
+            # zero prefix tokens that it skips
+            t = pooled[:, None]
+            if self.num_prefix_tokens:
+                t = torch.cat([t.new_zeros(t.shape[0], self.num_prefix_tokens, t.shape[2]), t], 1)
+        elif self.layout == "NHWC":
+            t = pooled[:, None, None, :]
+        else:
+            t = pooled[:, :, None, None]
+        return self.model.forward_head(t, pre_logits=True) if pre_logits else self.model.forward_head(t)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The body's output as a grid ``[B, C, h, w]`` (a view where possible)."""
+        """The body's output as a grid ``[B, C, h, w]`` (patch tokens laid on their patch grid)."""
         f = self.model.forward_features(x)
-        if self.tokens:
-            f = f[:, self.num_prefix_tokens :]
+        if self.layout == "NLC":
+            f = self._patch_tokens(f)
             b, n, c = f.shape
             return f.transpose(1, 2).reshape(b, c, *self.grid)
-        if self.nhwc:
+        if self.layout == "NHWC":
             return f.permute(0, 3, 1, 2)
         return f
 
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled vectors ``[M, C]`` through the model's own head."""
-        if self.tokens:
-            # timm's ViT head averages patch tokens, then norms and classifies: hand it one token.
-            t = pooled[:, None]
-            if self.num_prefix_tokens:
-                t = torch.cat([t.new_zeros(t.shape[0], self.num_prefix_tokens, t.shape[2]), t], 1)
-            return self.model.forward_head(t)
-        if self.nhwc:
-            return self.model.forward_head(pooled[:, None, None, :])
-        return self.model.forward_head(pooled[:, :, None, None])
+        return self._head(pooled)
+
+    def region_pool(self, f: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
+        """The body's raw output ``f`` averaged over each region: ``[B, K, C]`` (no layout copies)."""
+        m = pool_masks.to(f.dtype)
+        if self.layout == "NLC":
+            return torch.einsum("bnc,bkn->bkc", self._patch_tokens(f), m.flatten(2))
+        if self.layout == "NHWC":
+            return torch.einsum("bhwc,bkhw->bkc", f, m)
+        return region_pool(f, m)
 
     def forward(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None) -> torch.Tensor:
-        f = self.forward_features(x)
+        f = self.model.forward_features(x)
         if pool_masks is None:
-            return self.forward_head(f.mean((2, 3)))
-        pooled = region_pool(f, pool_masks)
+            return self.model.forward_head(f)  # the model's own pooling (checked to be the average)
+        pooled = self.region_pool(f, pool_masks)
         b, k, c = pooled.shape
-        return self.forward_head(pooled.reshape(b * k, c)).view(b, k, -1)
+        return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
 
 
 def region_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
@@ -317,22 +495,12 @@ def region_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tenso
     return torch.einsum("bchw,bkhw->bkc", features, pool_masks.to(features.dtype))
 
 
-def _fmt_nhwc():
-    try:
-        from timm.layers import Format
-
-        return Format.NHWC
-    except Exception:  # older timm
-        return None
-
-
 def adapt(model: nn.Module, image_size: int | tuple[int, int], in_chans: int = 3) -> SpatialModel:
     """Wrap any model that has timm's ``forward_features``/``forward_head`` for mixtrain.
 
-    Raises :class:`MixtrainError` if the body's output is not spatial.
+    Raises :class:`MixtrainError` if the body's output is not spatial or the head does not average it.
+    The final feature grid is ``adapt(...).grid``.
     """
     if isinstance(model, SpatialModel):
         return model
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    return SpatialModel(model, image_size, in_chans)
+    return SpatialModel(model, _pair(image_size), in_chans)

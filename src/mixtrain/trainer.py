@@ -40,7 +40,7 @@ class TrainConfig:
     """Every option of a training run, with its default. Saved as ``config.json`` next to results."""
 
     data: str = "digits"
-    model: str = "auto"  # auto: digitnet for digits, resnet18 otherwise
+    model: str = "auto"  # auto: digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise
     method: str = "baseline"
     epochs: int = 30
     batch_size: int = 512
@@ -74,7 +74,12 @@ class TrainConfig:
     def resolved_model(self) -> str:
         if self.model != "auto":
             return self.model
-        return "digitnet" if self.data == "digits" else "resnet18"
+        if self.data == "digits":
+            return "digitnet"
+        # ImageNet-style folders get the ImageNet-style stem; a CIFAR stem at 224 px would cost ~50x
+        if self.data.startswith("folder:") and (self.image_size == 0 or self.image_size >= 128):
+            return "resnet18_224"
+        return "resnet18"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,7 +252,7 @@ class Trainer:
         self.normalize = Normalizer(self.data.mean, self.data.std, self.device)
 
         torch.manual_seed(cfg.seed)  # model initialisation (the trainer owns this process)
-        net = create_model(cfg.resolved_model(), self.data.num_classes, self.data.channels, size)
+        net = create_model(cfg.resolved_model(), self.data.num_classes, self.data.channels, self.image_hw)
         self.model = adapt(net, self.image_hw, self.data.channels).to(self.device)
         if self.device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
