@@ -41,7 +41,7 @@ def synthetic(n: int, size: int, classes: int = 10, seed: int = 0):
     return TensorData("synthetic", x, y, xt, yt, classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def epoch_times(data, method, compile_, args, out):
+def epoch_times(data, method, compile_, args, out, graph="auto"):
     from mixtrain.strategies import MixOptions
     from mixtrain.trainer import TrainConfig, Trainer
 
@@ -49,20 +49,21 @@ def epoch_times(data, method, compile_, args, out):
     cfg = TrainConfig(
         data="synthetic", model=args.model, method=method, epochs=args.epochs, batch_size=args.batch_size,
         device=args.device, out=os.path.join(out, f"{method}-{'compiled' if compile_ else 'eager'}"),
-        compile=compile_, progress="none", save_checkpoints=False, mix=mix,
+        compile=compile_, cuda_graph=graph, progress="none", save_checkpoints=False, mix=mix,
     )
     m = Trainer(cfg, data=data).fit()
     log = m["epochs_log"][1:] if len(m["epochs_log"]) > 1 else m["epochs_log"]
     sec = statistics.median(r["seconds"] for r in log)
     passes = statistics.median(r["passes"] for r in log)
-    return {"method": method, "compiled": compile_, "epoch_seconds": sec, "passes_per_epoch": passes,
+    return {"method": method, "compiled": compile_, "graph": graph, "epoch_seconds": sec, "passes_per_epoch": passes,
             "seconds_per_pass": sec / passes, "all_epoch_seconds": [r["seconds"] for r in m["epochs_log"]]}
 
 
 def step_times(data, args, compile_):
-    """Median time of one training step (fixed batch) for a plain and a mixed pass."""
+    """Median time of one training step (fixed batch) for a plain and a mixed pass, eager and (on
+    CUDA, without compile) replayed as a CUDA graph."""
     from mixtrain.batches import EpochBatches
-    from mixtrain.strategies import MixOptions, create_strategy
+    from mixtrain.strategies import MixOptions
     from mixtrain.trainer import TrainConfig, Trainer
 
     dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,8 +87,15 @@ def step_times(data, args, compile_):
         def comp():
             tr._images(batch, source)
 
-        res[method] = {"step_ms": _time(step, dev, args.repeats), "compose_ms": _time(comp, dev, args.repeats)}
+        r = {"step_ms": _time(step, dev, args.repeats), "compose_ms": _time(comp, dev, args.repeats)}
+        if dev.type == "cuda" and not compile_:
+            tr._capture(batch, 0.01)
+            if tr.graphed is not None:
+                r["graph_step_ms"] = _time(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
+        res[method] = r
     res["mixing_cost_per_pass"] = res["mixtrain"]["step_ms"] / res["baseline"]["step_ms"] - 1
+    if "graph_step_ms" in res["baseline"] and "graph_step_ms" in res["mixtrain"]:
+        res["graph_mixing_cost_per_pass"] = res["mixtrain"]["graph_step_ms"] / res["baseline"]["graph_step_ms"] - 1
     return res
 
 
@@ -139,23 +147,31 @@ def main():
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = {"versions": versions(), "args": vars(args), "epochs": [], "steps": {}}
     for c in variants:
-        for method in ("baseline", "mixtrain"):
-            r = epoch_times(data, method, c, args, args.out)
-            results["epochs"].append(r)
-            print(json.dumps(r), flush=True)
+        for graph in (["off", "auto"] if not c else ["off"]):
+            for method in ("baseline", "mixtrain"):
+                r = epoch_times(data, method, c, args, os.path.join(args.out, f"graph-{graph}"), graph)
+                results["epochs"].append(r)
+                print(json.dumps(r), flush=True)
         results["steps"]["compiled" if c else "eager"] = step_times(data, args, c)
         print(json.dumps(results["steps"]), flush=True)
-    lines = ["| variant | method | s/epoch | passes/epoch | us/pass | mixing cost per pass |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | CUDA graph | method | s/epoch | passes/epoch | us/pass | mixing cost per pass |", "|---|---|---|---|---|---|---|"]
     for c in variants:
-        rows = [r for r in results["epochs"] if r["compiled"] == c]
-        base = next(r for r in rows if r["method"] == "baseline")
-        for r in rows:
-            cost = r["seconds_per_pass"] / base["seconds_per_pass"] - 1
-            lines.append(f"| {'compiled' if c else 'eager'} | {r['method']} | {r['epoch_seconds']:.3f} | {r['passes_per_epoch']:.0f} | "
-                         f"{1e6 * r['seconds_per_pass']:.1f} | {cost:+.1%} |")
-    lines += ["", "| variant | plain step ms | mixed step ms | step cost | compose K=1 ms | compose K=2 ms |", "|---|---|---|---|---|---|"]
+        for graph in ("off", "auto"):
+            rows = [r for r in results["epochs"] if r["compiled"] == c and r["graph"] == graph]
+            if not rows:
+                continue
+            base = next(r for r in rows if r["method"] == "baseline")
+            for r in rows:
+                cost = r["seconds_per_pass"] / base["seconds_per_pass"] - 1
+                lines.append(f"| {'compiled' if c else 'eager'} | {graph} | {r['method']} | {r['epoch_seconds']:.3f} | "
+                             f"{r['passes_per_epoch']:.0f} | {1e6 * r['seconds_per_pass']:.1f} | {cost:+.1%} |")
+    lines += ["", "| variant | plain step ms | mixed step ms | step cost | graphed plain ms | graphed mixed ms | graphed cost | compose K=1 ms | compose K=2 ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["steps"].items():
+        gb, gm = s["baseline"].get("graph_step_ms"), s["mixtrain"].get("graph_step_ms")
+        gc = s.get("graph_mixing_cost_per_pass")
         lines.append(f"| {name} | {s['baseline']['step_ms']:.3f} | {s['mixtrain']['step_ms']:.3f} | {s['mixing_cost_per_pass']:+.1%} | "
+                     f"{gb if gb is None else f'{gb:.3f}'} | {gm if gm is None else f'{gm:.3f}'} | {gc if gc is None else f'{gc:+.1%}'} | "
                      f"{s['baseline']['compose_ms']:.3f} | {s['mixtrain']['compose_ms']:.3f} |")
     table = "\n".join(lines)
     print(table)

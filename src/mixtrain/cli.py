@@ -50,6 +50,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     o.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
     o.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off", help="channels-last memory layout on CUDA")
     o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o.add_argument("--cuda-graph", default=d.cuda_graph, help="capture the whole training step as a CUDA graph: auto (on for one CUDA process with resident data and no --compile), on, off")
     a = p.add_argument_group("data handling")
     a.add_argument("--image-size", type=int, default=d.image_size, help="folder data: training resolution (0: 224)")
     a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: image size / 8; 0 for folders)")

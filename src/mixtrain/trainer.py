@@ -56,6 +56,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # on CUDA
     compile: bool = False
+    cuda_graph: str = "auto"  # auto (on for one CUDA process with resident data, no compile) | on | off
     image_size: int = 0  # folder: training resolution (0: 224); tensor data keep their size
     pad: int = -1  # random-crop padding in pixels (-1: image size / 8; folder: 0)
     flip: str = "auto"  # auto (off for digits) | on | off
@@ -98,6 +99,8 @@ class TrainConfig:
             raise MixtrainError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise MixtrainError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise MixtrainError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
         if self.flip not in ("auto", "on", "off"):
             raise MixtrainError(f"--flip must be auto, on or off, got {self.flip!r}")
         if self.progress not in ("auto", "bar", "line", "none"):
@@ -121,7 +124,7 @@ class TrainConfig:
 # Options a resumed run may change: where and how it runs, not what it computes. Every other
 # option (including any added later) must match the checkpoint's.
 RESUMABLE_CHANGES = frozenset({
-    "device", "out", "precision", "channels_last", "compile", "workers", "eval_every", "eval_batch_size",
+    "device", "out", "precision", "channels_last", "compile", "cuda_graph", "workers", "eval_every", "eval_batch_size",
     "checkpoint_every", "resume", "deterministic", "progress", "csv", "tensorboard", "save_checkpoints",
 })
 
@@ -273,6 +276,11 @@ class Trainer:
         )
         self.net = self.dist.wrap(self.model)
         self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
+        graphable = self.device.type == "cuda" and self.dist.world == 1 and not self.data.streaming and not cfg.compile
+        if cfg.cuda_graph == "on" and not graphable:
+            raise MixtrainError("--cuda-graph on needs one CUDA process, data resident on the GPU (not folder:) and no --compile")
+        self.use_graph = graphable and cfg.cuda_graph != "off"
+        self.graphed = None  # the captured step, made at the first step
 
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
@@ -291,7 +299,7 @@ class Trainer:
         return {
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _portable(self.optimizer.state_dict()),
             "strategy": self.strategy.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -380,11 +388,27 @@ class Trainer:
         images, src = source
         return batch.compose(images, self.normalize, src)
 
+    def _capture(self, batch, lr: float):
+        """Capture the whole step as a CUDA graph (see graphs.py); on failure keep training eagerly."""
+        from .graphs import GraphedStep
+
+        images, labels = self.data.train_x, self.data.train_y
+
+        def step(b):
+            return self._train_step(b, b.compose(images, self.normalize), labels)
+
+        g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None))
+        if g.capture(batch, lr):
+            self.graphed = g
+        else:
+            self.use_graph = False
+
     def _train_step(self, batch, x, labels, scale: float = 1.0):
         """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
         s = self.strategy
         targets = labels[batch.index]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        # no autocast weight cache: the step may be captured as a CUDA graph
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             if s.separate:
                 masks = None if s.slots == 1 else batch.pool_masks()
                 logits = self.forward(x, masks)
@@ -462,10 +486,16 @@ class Trainer:
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
             for j in range(self.step_in_epoch, len(batches)):
                 batch = batches.batch(j)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = float(lrs[j])
-                x = self._images(batch, source(j))
-                step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=self.per_pass))
+                lr = float(lrs[j])
+                if self.graphed is None and self.use_graph:
+                    self._capture(batch, lr)
+                if self.graphed is not None:
+                    step_loss[j] = self.graphed.step(batch, lr)
+                else:
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
+                    x = self._images(batch, source(j))
+                    step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=self.per_pass))
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
                 progress.step()
@@ -606,6 +636,14 @@ class Trainer:
         correct, total = counts.tolist()
         self.test_samples = int(total)  # each test sample once, over all ranks
         return correct / max(1, total)
+
+
+def _portable(opt_state: dict) -> dict:
+    """Optimizer state with plain-number learning rates (CUDA-graph mode keeps them as tensors)."""
+    for g in opt_state["param_groups"]:
+        if torch.is_tensor(g.get("lr")):
+            g["lr"] = float(g["lr"])
+    return opt_state
 
 
 def _write_json(path: str, obj):
