@@ -37,7 +37,7 @@ def main() -> int:
                               progress="none", save_checkpoints=False, mix=MixOptions(warmup_epochs=1))
             tr = Trainer(cfg)
             runs[graph] = tr.fit()
-            if graph == "on" and tr.graphed is None:
+            if graph == "on" and not tr.graph_used:
                 print(f"{method}: graph capture did not happen")
                 ok = False
         a, b = runs["off"], runs["on"]

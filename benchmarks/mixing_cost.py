@@ -92,6 +92,7 @@ def step_times(data, args, compile_):
             tr._capture(batch, 0.01)
             if tr.graphed is not None:
                 r["graph_step_ms"] = _time(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
+                tr.graphed.release()
         res[method] = r
     res["mixing_cost_per_pass"] = res["mixtrain"]["step_ms"] / res["baseline"]["step_ms"] - 1
     if "graph_step_ms" in res["baseline"] and "graph_step_ms" in res["mixtrain"]:

@@ -120,6 +120,22 @@ class GraphedStep:
             self.graph = None
             return False
 
+    def release(self):
+        """Free the graph's private memory pool (activations, gradients, static buffers).
+
+        Without this, every run in one process (a benchmark) keeps its pool: 24 ResNet runs in one
+        process once held 71 GB of an 80 GB GPU.
+        """
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = None
+        self.static = None
+        self.loss = None
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients live in the pool too
+        for g in self.optimizer.param_groups:  # back to plain numbers for any later eager use
+            if torch.is_tensor(g["lr"]):
+                g["lr"] = float(g["lr"])
+
     def step(self, batch: Batch, lr: float) -> torch.Tensor:
         self._load(batch)
         self._set_lr(lr)

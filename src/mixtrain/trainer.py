@@ -281,6 +281,7 @@ class Trainer:
             raise MixtrainError("--cuda-graph on needs one CUDA process, data resident on the GPU (not folder:) and no --compile")
         self.use_graph = graphable and cfg.cuda_graph != "off"
         self.graphed = None  # the captured step, made at the first step
+        self.graph_used = False
 
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
@@ -400,6 +401,7 @@ class Trainer:
         g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None))
         if g.capture(batch, lr):
             self.graphed = g
+            self.graph_used = True
         else:
             self.use_graph = False
 
@@ -540,6 +542,9 @@ class Trainer:
             progress.end_epoch(row, cfg.epochs)
             writers.epoch(row)
 
+        if self.graphed is not None:  # free the graph's memory pool before the next run in this process
+            self.graphed.release()
+            self.graphed = None
         if acc is None:  # resumed a finished run: nothing trained in this process
             t_eval = time.perf_counter()
             acc = self.evaluate()
@@ -554,6 +559,7 @@ class Trainer:
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
             "world_size": self.dist.world,
+            "cuda_graph": self.graph_used,
             "passes": sum(r["passes"] for r in self.log),
             "samples": sum(r["samples"] for r in self.log),
             "train_seconds": sum(r["seconds"] for r in self.log),
