@@ -135,6 +135,7 @@ def small_cfg(tmp_path, data, **kw):
     base.update(kw)
     cfg = TrainConfig(**base)
     cfg.mix.rule = "all"  # mix every sample from epoch 2, whatever its loss
+    cfg.mix.quad_confidence = 0.0  # in pairs
     return cfg
 
 
@@ -165,7 +166,7 @@ def test_folder_trains_with_workers_through_the_cli(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "mixtrain", "train", "--data", f"folder:{root}", "--image-size", "32",
-        "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all", "--epochs", "2", "--batch-size", "8",
+        "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all", "--quad-confidence", "0", "--epochs", "2", "--batch-size", "8",
         "--workers", "2", "--device", "cpu", "--lr", "0.05", "--progress", "none", "--out", str(out),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

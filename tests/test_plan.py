@@ -86,7 +86,7 @@ def test_warmup_and_final_epochs_unmixed():
 
 
 def test_auto_rule_pairs_mixable_rest_alone():
-    s = MixTrain(N, GRID, 5, opts=MixOptions(warmup_epochs=1))
+    s = MixTrain(N, GRID, 5, opts=MixOptions(warmup_epochs=1, confidence=0.75, quad_confidence=0.0))
     loss, correct = _easy_hard_memory()
     # one sample with a low loss but classified wrong (the margin rule must not mix it)
     loss[np.flatnonzero(~correct & ~np.isnan(loss))[0]] = 0.01
@@ -172,7 +172,7 @@ def test_fraction_and_threshold_rules():
 
 
 def test_easy_hard_pairing():
-    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", pairing="easy-hard"))
+    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", pairing="easy-hard", quad_confidence=0.0))
     loss = np.arange(N, dtype=np.float32) / N + 0.01
     _observe(s, loss, np.ones(N, bool))
     plan = s.plan_epoch(0, _rng(0))

@@ -76,8 +76,10 @@ def test_short_run_learns_and_writes_the_contract(runs, method):
         assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == 1437  # warm-up epoch
         assert all(r["mixed_fraction"] > 0 and r["passes"] < r["samples"] for r in log[1:])
         assert saved["passes"] < saved["samples"]
-        # each mixed pair saves one pass
-        assert all(r["passes"] == r["samples"] - round(r["mixed_fraction"] * 1437) // 2 for r in log)
+        # each mixed pair saves one pass, each quad three: between 1/2 and 3/4 of the mixed samples
+        for r in log:
+            mixed = round(r["mixed_fraction"] * 1437)
+            assert r["samples"] - mixed // 2 >= r["passes"] >= r["samples"] - 3 * mixed // 4
 
 
 def _digits_subset(n=256):
@@ -165,7 +167,7 @@ def test_help_mentions_every_option(capsys):
         flag = MIX_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         assert flag in text, f.name
     # defaults are shown
-    assert "(default: 0.75)" in text and "(default: digits)" in text
+    assert "(default: 0.5)" in text and "(default: digits)" in text
     demo = _help("demo", capsys=capsys)
     for flag in ("--methods", "--epochs", "--batch-size", "--lr", "--seed", "--device", "--out"):
         assert flag in demo

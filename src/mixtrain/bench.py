@@ -567,7 +567,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
         for method in dict.fromkeys(m for m, _, _ in todo):
             mix = dataclasses.replace(base.mix, **split_method(method)[1])
-            warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1 + mix.final_unmixed_epochs
+            warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1
             cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
                           eval_every=0, csv=False, tensorboard=False)
             cfg.mix.rule = "all"

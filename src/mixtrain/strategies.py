@@ -30,12 +30,12 @@ class MixOptions:
     """Options of the mixing strategies (every default is visible in ``--help`` and the config)."""
 
     warmup_epochs: int = 1  # first epochs unmixed, so the loss memory fills
-    final_unmixed_epochs: int = 0  # last epochs unmixed
+    final_unmixed_epochs: int = -1  # last epochs unmixed; -1: one per 15 epochs of the schedule (30 -> 2)
     rule: str = "auto"  # auto | threshold | fraction | all
-    confidence: float = 0.75  # auto: mix a sample last classified right with p(true) >= this
+    confidence: float = 0.5  # auto: mix a sample last classified right with p(true) >= this
     threshold: float = 0.3  # threshold: mix a sample whose last loss < this
     fraction: float = 0.5  # fraction: mix this fraction of lowest-loss samples
-    quad_confidence: float = 0.0  # > 0: samples with p(true) >= this go four to an image (2x2)
+    quad_confidence: float = 0.9  # > 0: samples with p(true) >= this go four to an image (2x2); 0: pairs only
     ratio: str = "adaptive"  # adaptive (harder sample gets more area) | fixed (1/2)
     min_share: float = 0.25  # clip each constituent's area share to [min_share, 1 - min_share]
     pairing: str = "random"  # random | easy-hard
@@ -56,8 +56,14 @@ class MixOptions:
             raise MixtrainError(f"min share must be in (0, 0.5], got {self.min_share}")
         if not 0.0 <= self.fraction <= 1.0:
             raise MixtrainError(f"mix fraction must be in [0, 1], got {self.fraction}")
-        if self.warmup_epochs < 0 or self.final_unmixed_epochs < 0:
-            raise MixtrainError("warm-up and final unmixed epochs must be >= 0")
+        if self.warmup_epochs < 0:
+            raise MixtrainError("warm-up epochs must be >= 0")
+        if self.final_unmixed_epochs < -1:
+            raise MixtrainError("final unmixed epochs must be >= 0, or -1 for one per 15 epochs of the schedule")
+
+    def final_epochs(self, num_epochs: int) -> int:
+        """Unmixed epochs at the end of a ``num_epochs`` schedule (resolves -1)."""
+        return num_epochs // 15 if self.final_unmixed_epochs < 0 else self.final_unmixed_epochs
 
 
 class Strategy:
@@ -120,7 +126,7 @@ class _Mixing(Strategy):
 
     def mixing(self, epoch: int) -> bool:
         o = self.opts
-        return o.warmup_epochs <= epoch < self.num_epochs - o.final_unmixed_epochs
+        return o.warmup_epochs <= epoch < self.num_epochs - o.final_epochs(self.num_epochs)
 
     def options(self) -> dict:
         return asdict(self.opts)
