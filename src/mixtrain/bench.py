@@ -342,7 +342,7 @@ def plot_frontier(rows: list[dict], path: str, title: str = ""):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5 + 0.25 * len({r["method"] for r in rows})), dpi=120)
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch for the caller
     ax = fig.add_subplot(1, 1, 1)
     methods = []
@@ -362,8 +362,8 @@ def plot_frontier(rows: list[dict], path: str, title: str = ""):
     ax.set_ylabel("test accuracy % (mean ± std)")
     ax.set_title(title or "accuracy vs training time (labels: epochs)")
     ax.grid(True, alpha=0.3)
-    if methods:
-        ax.legend()
+    if methods:  # below the axes: long variant names never cover the points
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

@@ -91,6 +91,15 @@ class Strategy:
     def observe(self, index, valid, loss, correct):
         """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
 
+    def record(self, batch, logits, targets):
+        """Convenience for one's own loop: feed a step's predictions ``[B, K, classes]`` and labels
+        ``[B, K]`` to :meth:`observe` (per-sample loss and correctness; no extra forward pass)."""
+        if self.uses_memory:
+            from .loss import sample_stats
+
+            nll, correct = sample_stats(logits.detach(), targets)
+            self.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+
     def end_epoch(self, distributed: bool = False):
         """Per-epoch hook after the last step. ``distributed``: merge the ranks' observations
         (:meth:`sync`), so the next plan is the same on every rank. Call it on every rank."""
