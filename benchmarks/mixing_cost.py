@@ -24,10 +24,13 @@ import argparse
 import json
 import os
 import statistics
-import time
+import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _timing helper
+from _timing import median_ms  # noqa: E402
 
 
 def synthetic(n: int, size: int, classes: int = 10, seed: int = 0):
@@ -100,28 +103,11 @@ def step_times(data, args, compile_):
     return res
 
 
-def _time(fn, dev, repeats, inner=20):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(inner):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / inner)
-        else:
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - t) * 1000 / inner)
-    return statistics.median(times)
+def _time(fn, dev, repeats):
+    return median_ms(fn, dev, repeats)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", help="synthetic (CIFAR-10 shaped) or a mixtrain --data spec")
     p.add_argument("--model", default="resnet18")
@@ -133,7 +119,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/mixing_cost")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
         args.num_train, args.batch_size, args.epochs, args.repeats, args.model = 512, 64, 2, 2, "digitnet"
     from mixtrain.data import load_data

@@ -12,10 +12,14 @@ kernels of one configuration (torch.profiler) to show where the time goes.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
+import os
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _timing helper
+from _timing import median_ms  # noqa: E402
 
 
 def time_steps(model, x, y, amp, repeats=7, inner=20):
@@ -28,18 +32,7 @@ def time_steps(model, x, y, amp, repeats=7, inner=20):
         loss.backward()
         opt.step()
 
-    for _ in range(10):
-        step()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times), step
+    return median_ms(step, torch.device("cuda"), repeats, inner, warmup=10), step
 
 
 def main():

@@ -5,17 +5,8 @@ import json
 import os
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load_script(name):
@@ -53,3 +44,14 @@ def test_folder_throughput_smoke(tmp_path):
         assert r["samples_per_s"] > 0
         assert r["samples_per_s"] == pytest.approx(2 * r["passes_per_s"])  # every pass carries a pair
     assert "| mixed | load+model | 2 |" in (tmp_path / "folder_throughput.md").read_text()
+
+
+def test_mixing_cost_smoke(tmp_path):
+    bench = load_script("mixing_cost")
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "mixing_cost.json").read_text())
+    by = {r["method"]: r for r in result["epochs"]}
+    # everything mixed in pairs from the first epoch: half the passes of the baseline
+    assert by["mixtrain"]["passes_per_epoch"] == by["baseline"]["passes_per_epoch"] / 2
+    assert all(r["seconds_per_pass"] > 0 for r in result["epochs"])
+    assert "| eager | off | mixtrain |" in (tmp_path / "mixing_cost.md").read_text()

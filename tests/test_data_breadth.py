@@ -21,14 +21,6 @@ from mixtrain.trainer import TrainConfig, Trainer
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches; a second thread only spin-waits on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def value_of(path: str) -> int:
     return int(os.path.basename(path)[1:4])
 

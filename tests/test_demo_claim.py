@@ -6,11 +6,9 @@ Measured when this test was written (seeds 0/1/2): 26.4% / 26.5% / 26.4% fewer p
 -0.8 / -1.1 / -1.1 points. This is the suite's one long test (two 30-epoch runs, about a minute).
 """
 
-import torch
 
 from mixtrain import TrainConfig, train
 
-torch.set_num_threads(1)  # few shared cores: one thread avoids OpenMP oversubscription stalls
 
 
 def test_mixtrain_fewer_passes_same_accuracy_on_digits(tmp_path):

@@ -22,7 +22,7 @@ import torch
 import mixtrain
 from mixtrain import plan as P
 from mixtrain.batches import EpochBatches
-from mixtrain.distributed import DistInfo, RECORD_ENV, plan_digest, state_digest
+from mixtrain.distributed import DistInfo, RECORD_ENV, state_digest
 from mixtrain.strategies import MixOptions, MixTrain
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(mixtrain.__file__)))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.nn as nn
 
 from mixtrain import MixtrainError, adapt
@@ -21,14 +20,6 @@ from mixtrain import models as M
 from mixtrain.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared; tiny models gain nothing from two
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(n, size=16, channels=1, seed=0):

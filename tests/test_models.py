@@ -11,16 +11,6 @@ from mixtrain.errors import MixtrainError
 from mixtrain.models import MODEL_HELP, MODELS, SpatialModel, adapt, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny batches gain nothing from a second thread, and on a shared machine its spin-waits
-    # can slow them down tenfold
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def split_masks(batch: int, grid, cut: int, axis: int = 1) -> torch.Tensor:
     """Averaging weights ``[B, 2, gh, gw]`` for a split at cell ``cut`` (axis 1: left | right)."""
     gh, gw = grid

@@ -30,13 +30,10 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on a shared 2-core machine thrash badly; one thread is also what the
-    # subprocesses use (OMP_NUM_THREADS=1), so in-process and CLI runs compute the same numbers.
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
+def _restore_determinism():
+    # --deterministic switches a process-wide PyTorch setting; later test modules get it back as it was
+    det = torch.are_deterministic_algorithms_enabled()
     yield
-    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det)
 
 

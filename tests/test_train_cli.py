@@ -10,13 +10,11 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
-import torch
 
 from mixtrain import MixOptions, TrainConfig, train
 from mixtrain.cli import build_parser, config_from_args
 
 # The test machine's few cores are shared: one thread avoids OpenMP oversubscription stalls.
-torch.set_num_threads(1)
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 

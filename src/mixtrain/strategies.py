@@ -18,7 +18,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from . import plan as P
 from .errors import MixtrainError

@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed as D
 from .batches import EpochBatches
 from .compose import Augment, Normalizer
-from .data import TensorData, load_data
+from .data import load_data
 from .errors import MixtrainError
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .models import adapt, create_model
@@ -312,7 +311,6 @@ class Trainer:
             # The epoch's plan/padding/augmentation generators are re-derived from (seed, epoch,
             # rank) and need no saving; the global generators (dropout, drop-path) do.
             "torch_rng": torch.get_rng_state(),
-            "world_size": self.dist.world,
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
