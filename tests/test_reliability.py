@@ -257,6 +257,8 @@ dist.barrier()
 got = Trainer(config(out + "/run", method="mixtrain", batch_size=8, checkpoint_every=3, resume=True), tiny_data()).fit()
 if int(os.environ["RANK"]) == 0:
     json.dump({{"ref": ref, "got": got}}, open(out + "/both.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

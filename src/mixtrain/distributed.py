@@ -132,6 +132,10 @@ def setup(device_pref: str = "auto") -> DistInfo:
 
 def _destroy():
     if dist.is_initialized():
+        try:  # leave together: a rank tearing its group down while another still talks can abort it
+            dist.barrier()
+        except Exception:
+            pass
         dist.destroy_process_group()
 
 
