@@ -407,8 +407,8 @@ class Trainer:
         """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
         s = self.strategy
         targets = labels[batch.index]
-        # no autocast weight cache: the step may be captured as a CUDA graph
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+        # no autocast weight cache inside a CUDA graph capture (its casts must be recorded each step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.use_graph):
             if s.separate:
                 masks = None if s.slots == 1 else batch.pool_masks()
                 logits = self.forward(x, masks)
