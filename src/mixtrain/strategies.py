@@ -21,6 +21,7 @@ import numpy as np
 
 from . import plan as P
 from .errors import MixtrainError
+from .loss import sample_stats
 from .memory import LossMemory
 
 
@@ -91,11 +92,10 @@ class Strategy:
         """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
 
     def record(self, batch, logits, targets):
-        """Convenience for one's own loop: feed a step's predictions ``[B, K, classes]`` and labels
-        ``[B, K]`` to :meth:`observe` (per-sample loss and correctness; no extra forward pass)."""
+        """Feed a step's predictions ``[B, K, classes]`` and labels ``[B, K]`` to :meth:`observe`
+        (per-sample loss and correctness; no extra forward pass, no host sync). The trainer's step
+        and one's own loop both call this; it does nothing for strategies without a loss memory."""
         if self.uses_memory:
-            from .loss import sample_stats
-
             nll, correct = sample_stats(logits.detach(), targets)
             self.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
 

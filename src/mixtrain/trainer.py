@@ -28,7 +28,7 @@ from .batches import EpochBatches
 from .compose import Augment, Normalizer
 from .data import load_data
 from .errors import MixtrainError
-from .loss import sample_stats, separated_loss, soft_label_loss
+from .loss import separated_loss, soft_label_loss
 from .models import adapt, create_model
 from .schedule import step_lrs
 from .strategies import MixOptions, create_strategy
@@ -221,7 +221,7 @@ class Trainer:
         self.dist = D.setup(cfg.device)  # under torchrun: this process's GPU (LOCAL_RANK) or the CPU
         if self.dist.world > 1:
             self.device = self.dist.device
-        self.is_main = self.dist.rank == 0
+        self.is_main = self.dist.is_main
         self.record_dir = os.environ.get(D.RECORD_ENV) or None  # debugging aid, off by default
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -406,7 +406,7 @@ class Trainer:
     def _train_step(self, batch, x, labels, scale: float = 1.0):
         """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
         s = self.strategy
-        targets = labels[batch.index]
+        targets = batch.targets(labels)
         # no autocast weight cache inside a CUDA graph capture (its casts must be recorded each step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.use_graph):
             if s.separate:
@@ -423,9 +423,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (loss if scale == 1.0 else loss * scale).backward()
         self.optimizer.step()
-        if s.uses_memory:
-            nll, correct = sample_stats(logits.detach(), targets)
-            s.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+        s.record(batch, logits, targets)  # the loss memory (only for strategies that use one)
         return loss.detach()
 
     # ------------------------------------------------------------------------------------------
