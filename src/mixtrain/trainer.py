@@ -342,15 +342,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        if state.get("plan") is not None:
+        if state.get("plan") is not None:  # mid-epoch: the process count was checked above
             from .plan import EpochPlan
-
-            saved_world = state.get("world_size", 1)
-            if saved_world != self.dist.world:
-                raise MixtrainError(
-                    f"cannot resume: the checkpoint in {self.cfg.out} was made mid-epoch by {saved_world} "
-                    f"process(es), this run has {self.dist.world}; resume with the same number of processes"
-                )
 
             self.partial = (EpochPlan(**state["plan"]), state["partial"])
             self.last_good = f"epoch {self.epoch + 1}, step {self.step_in_epoch}"
