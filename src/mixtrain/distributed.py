@@ -84,6 +84,17 @@ class DistInfo:
             dist.barrier()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device`` (auto, cpu, cuda, cuda:N) as a device; a clear error for what cannot be used."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MixtrainError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise MixtrainError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
 def setup(device_pref: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or run alone.
 
@@ -95,10 +106,7 @@ def setup(device_pref: str = "auto") -> DistInfo:
         return DistInfo()
     if not dist.is_available():
         raise MixtrainError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    if device_pref != "auto" and device_pref != "cpu" and not device_pref.startswith("cuda"):
-        raise MixtrainError(f"--device must be auto, cpu or cuda, got {device_pref!r}")
-    if device_pref.startswith("cuda") and not torch.cuda.is_available():
-        raise MixtrainError("--device cuda asked for, but PyTorch sees no CUDA GPU")
+    resolve_device(device_pref)  # the same checks as for one process
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         use_cuda = dist.get_backend() != "gloo" and device_pref != "cpu" and torch.cuda.is_available()

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .batches import EpochBatches
 from .compose import Augment, Normalizer
+from .distributed import resolve_device
 from .data import load_data
 from .errors import MixtrainError
 from .loss import separated_loss, soft_label_loss
@@ -142,16 +143,6 @@ def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
         elif a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MixtrainError("--device cuda asked for, but PyTorch sees no CUDA GPU")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise MixtrainError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def versions() -> dict:
