@@ -22,6 +22,22 @@ import torch.nn.functional as F
 
 from .errors import MixtrainError
 
+
+class _AveragingHead(nn.Module):
+    """timm's ``forward_head``/``forward`` for a CNN body: global average, then the final layer
+    named by ``head_name`` (``fc``, or ``classifier`` for torchvision's MobileNetV2)."""
+
+    head_name = "fc"
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if x.ndim == 4:
+            x = x.mean((2, 3))
+        return x if pre_logits else getattr(self, self.head_name)(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # CIFAR-style ResNets (3x3 stem, no max-pool): a 32x32 input ends on a 4x4 grid.
 
@@ -68,7 +84,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(_AveragingHead):
     def __init__(self, block, layers, num_classes=10, in_chans=3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
@@ -86,16 +102,8 @@ class CifarResNet(nn.Module):
     def forward_features(self, x):
         return self.layers(self.stem(x))
 
-    def forward_head(self, x, pre_logits: bool = False):
-        if x.ndim == 4:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
-class DigitNet(nn.Module):
+class DigitNet(_AveragingHead):
     """A small CNN for 16x16 digits: three 3x3 stages ending on a 4x4 grid."""
 
     def __init__(self, num_classes=10, in_chans=1, width=32):
@@ -111,14 +119,6 @@ class DigitNet(nn.Module):
 
     def forward_features(self, x):
         return self.body(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if x.ndim == 4:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 def _pair(size) -> tuple[int, int]:
@@ -179,8 +179,10 @@ def _imagenet_resnet(depth: int, num_classes, in_chans):
     return _TorchvisionBody(body, m.fc)
 
 
-class _TorchvisionBody(nn.Module):
+class _TorchvisionBody(_AveragingHead):
     """Gives a torchvision ``features``/``classifier`` model timm's two methods."""
+
+    head_name = "classifier"
 
     def __init__(self, features, classifier):
         super().__init__()
@@ -191,14 +193,6 @@ class _TorchvisionBody(nn.Module):
 
     def forward_features(self, x):
         return self.features(x)
-
-    def forward_head(self, x, pre_logits: bool = False):
-        if x.ndim == 4:
-            x = x.mean((2, 3))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 # name -> builder(num_classes, in_chans, image_size); the final grid at the size each is made for
@@ -281,8 +275,7 @@ def create_model(name: str, num_classes: int, in_chans: int, image_size) -> nn.M
     """Build ``name`` (see :data:`MODEL_HELP`) untrained, for images of ``image_size`` (int or (H, W))."""
     if name.startswith("timm:"):
         return _create_timm(name[5:], num_classes, in_chans, image_size)
-    if name not in MODELS:
-        raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
+    check_model_name(name)
     return MODELS[name](num_classes, in_chans, image_size)
 
 
@@ -333,11 +326,10 @@ class SpatialModel(nn.Module):
     def _probe(self, in_chans: int) -> tuple[int, int]:
         name = type(self.model).__name__
         h, w = self.image_size
-        p = next(self.model.parameters(), torch.empty(0))  # probe on the model's device and dtype
+        # probe on the model's device and dtype; a model without parameters (all fixed ops) on the CPU in float32
+        p = next(self.model.parameters(), torch.zeros(()))
         was_training = self.model.training
         self.model.eval()
-        # a model without parameters (all fixed ops) probes on the CPU in float32
-        p = next(self.model.parameters(), torch.zeros(()))
         try:
             with torch.no_grad():
                 if p.device.type == "meta":
