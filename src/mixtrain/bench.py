@@ -646,7 +646,7 @@ def cmd_report(args):
 
 
 def add_bench_commands(sub, fmt):
-    from .cli import METHODS, add_train_options
+    from .cli import METHODS, add_debug_option, add_train_options
 
     b = sub.add_parser(
         "bench", help="time-to-accuracy benchmark: every method x epochs x seed, one process", formatter_class=fmt,
@@ -665,11 +665,11 @@ def add_bench_commands(sub, fmt):
                    help="seconds: start no run past this, nor one expected to overrun it (judged by the slowest "
                         "finished run of its method, scaled by epochs); 0: no limit")
     b.set_defaults(progress="none")  # one line per run instead of per epoch
-    b.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_option(b)
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="re-render OUT/report.md and OUT/frontier.png from OUT/results.json",
                        formatter_class=fmt, description="Rebuild a bench's report.md and frontier.png from its results.json.")
     r.add_argument("dir", help="the bench's output folder (holding results.json)")
-    r.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_option(r)
     r.set_defaults(func=cmd_report)

@@ -21,6 +21,12 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {s!r}")
 
 
+def add_debug_option(p: argparse.ArgumentParser):
+    """``--debug`` on a subcommand. Suppressed default: ``mixtrain --debug CMD`` (the top-level
+    flag) is not reset to False by the subcommand's parser."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+
+
 def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     """Options shared by ``train`` and ``bench`` (``bench`` takes lists for epochs/methods/seeds)."""
     from .data import DATA_HELP
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one configuration and write OUT/metrics.json", formatter_class=fmt,
                        description="Train one model with one method; writes config.json, metrics.json and checkpoint.pt to --out.")
     add_train_options(t)
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    add_debug_option(t)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (about two minutes)",
@@ -173,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed")
     d.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     d.add_argument("--out", default="runs/demo", help="output folder (one subfolder per method)")
-    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    add_debug_option(d)
     d.set_defaults(func=cmd_demo)
 
     try:
