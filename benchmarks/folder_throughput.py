@@ -47,7 +47,7 @@ from mixtrain.loss import separated_loss  # noqa: E402
 from mixtrain.models import adapt, create_model  # noqa: E402
 from mixtrain.strategies import MixOptions, MixTrain, Strategy  # noqa: E402
 from mixtrain.stream import FolderStream  # noqa: E402
-from mixtrain.trainer import versions  # noqa: E402
+from mixtrain.trainer import resolve_device, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -210,8 +210,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.images, args.classes, args.source_size, args.size = 48, 4, 48, 32
         args.model, args.batch_size, args.workers, args.epochs, args.device = "digitnet", 8, "0,2", 2, "cpu"
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     tmp = None

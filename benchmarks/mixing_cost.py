@@ -67,9 +67,9 @@ def step_times(data, args, compile_):
     CUDA, without compile) replayed as a CUDA graph."""
     from mixtrain.batches import EpochBatches
     from mixtrain.strategies import MixOptions
-    from mixtrain.trainer import TrainConfig, Trainer
+    from mixtrain.trainer import TrainConfig, Trainer, resolve_device
 
-    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)
     res = {}
     for method in ("baseline", "mixtrain"):
         cfg = TrainConfig(data="synthetic", model=args.model, method=method, epochs=1, batch_size=args.batch_size,
@@ -90,21 +90,17 @@ def step_times(data, args, compile_):
         def comp():
             tr._images(batch, source)
 
-        r = {"step_ms": _time(step, dev, args.repeats), "compose_ms": _time(comp, dev, args.repeats)}
+        r = {"step_ms": median_ms(step, dev, args.repeats), "compose_ms": median_ms(comp, dev, args.repeats)}
         if dev.type == "cuda" and not compile_:
             tr._capture(batch, 0.01)
             if tr.graphed is not None:
-                r["graph_step_ms"] = _time(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
+                r["graph_step_ms"] = median_ms(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
                 tr.graphed.release()
         res[method] = r
     res["mixing_cost_per_pass"] = res["mixtrain"]["step_ms"] / res["baseline"]["step_ms"] - 1
     if "graph_step_ms" in res["baseline"] and "graph_step_ms" in res["mixtrain"]:
         res["graph_mixing_cost_per_pass"] = res["mixtrain"]["graph_step_ms"] / res["baseline"]["graph_step_ms"] - 1
     return res
-
-
-def _time(fn, dev, repeats):
-    return median_ms(fn, dev, repeats)
 
 
 def main(argv=None):

@@ -40,10 +40,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
+from mixtrain.bench import warmup_subset  # noqa: E402
 from mixtrain.data import TensorData, from_arrays, load_data  # noqa: E402
 from mixtrain.errors import MixtrainError  # noqa: E402
 from mixtrain.strategies import MixOptions  # noqa: E402
-from mixtrain.trainer import TrainConfig, Trainer, versions  # noqa: E402
+from mixtrain.trainer import TrainConfig, Trainer, resolve_device, versions  # noqa: E402
 
 MODELS = ("resnet18", "resnet34", "resnet50", "mobilenetv2", "vit_tiny", "vit_small")
 METHODS = ("baseline", "mixtrain")
@@ -95,12 +96,6 @@ def synthetic_cifar(n_train: int, n_test: int, seed: int = 0) -> TensorData:
         return x, y
 
     return from_arrays("synthetic-cifar10", split(n_train), split(n_test), "synthetic", 10)
-
-
-def subset(data: TensorData, n: int) -> TensorData:
-    """The first ``n`` training (and test) samples, same image shape and normalisation."""
-    return TensorData(data.name, data.train_x[:n], data.train_y[:n], data.test_x[:n], data.test_y[:n],
-                      data.num_classes, data.mean, data.std)
 
 
 def mean_std(values):
@@ -187,7 +182,7 @@ def main(argv=None) -> int:
     mix = mix_options(args.mix)
     if args.smoke:
         mix.rule = "all"  # random-ish data is never learned confidently in two epochs: mix anyway
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = str(resolve_device(device))
 
     def config(model, method, seed, n_epochs, out, mix_all=False, quiet=args.smoke):
         opts = copy.deepcopy(mix)
@@ -209,7 +204,8 @@ def main(argv=None) -> int:
     runs: list[dict] = []
     for model in models:
         if warm:  # untimed: same batch shape, a few steps, one mixing epoch for mixtrain
-            small = subset(data, min(data.num_train, batch * WARMUP_STEPS))
+            n_warm = min(data.num_train, batch * WARMUP_STEPS)
+            small = warmup_subset(data, n_warm, n_warm)
             for method in METHODS:
                 n = 1 if method == "baseline" else mix.warmup_epochs + 1
                 t0 = time.perf_counter()
