@@ -25,8 +25,9 @@ from .compose import Geometry
 class GraphedStep:
     """``step(batch, lr) -> loss`` replaying one captured training step.
 
-    ``eager_step(batch, x_source)`` is the trainer's own step function (it must read everything it
-    needs from ``batch``; the same code runs for warm-up and capture). The optimizer's learning
+    ``eager_step(batch) -> loss`` is the trainer's own step function, composing from resident
+    images (it must read everything it needs from ``batch``; the same code runs for warm-up and
+    capture). The optimizer's learning
     rates become device tensors, read by the fused SGD kernel at replay.
     """
 
