@@ -220,7 +220,7 @@ OWN_LOOP = textwrap.dedent(
     import numpy as np, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     from mixtrain import (Augment, EpochBatches, MixOptions, MixTrain, Normalizer, adapt, create_model,
-                          load_data, sample_stats, separated_loss)
+                          load_data, separated_loss)
     from mixtrain.distributed import plan_digest, state_digest
 
     out = sys.argv[1]
@@ -250,8 +250,7 @@ OWN_LOOP = textwrap.dedent(
             opt.zero_grad(set_to_none=True)
             (loss * batches.loss_scale(j)).backward()
             opt.step()
-            nll, correct = sample_stats(logits.detach(), targets)
-            strategy.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+            strategy.record(batch, logits, targets)
             trained.append(batch.index[batch.valid])
         strategy.end_epoch(distributed=True)
         shard = batches.plan
