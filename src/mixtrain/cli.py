@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(t)
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (about two minutes)",
+    d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (under a minute on 2 cores)",
                        formatter_class=fmt, description="Train a small CNN on scikit-learn's digits with each method and print a table.")
     d.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
     d.add_argument("--epochs", type=int, default=30, help="epochs per method")
