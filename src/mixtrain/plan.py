@@ -56,7 +56,9 @@ class EpochPlan:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def take(self, rows) -> "EpochPlan":
-        return EpochPlan(**{k: v[rows] for k, v in self.arrays().items()})
+        # np.take along rows is several times faster than fancy indexing here (planning is host
+        # time per epoch, while the GPU waits)
+        return EpochPlan(**{k: np.take(v, rows, axis=0) for k, v in self.arrays().items()})
 
     @staticmethod
     def concat(plans: list["EpochPlan"]) -> "EpochPlan":
