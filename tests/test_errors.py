@@ -116,14 +116,30 @@ def test_corrupt_or_truncated_npz(damage, tmp_path, capsys):
         ({"x": images(40)[0], "y": images(30)[1]}, "40 images but 30 labels"),
         ({"x": images(40)[0], "y": images(40)[1] - 5}, "labels must be 0..C-1"),
         ({"x": images(0)[0], "y": images(0)[1]}, "the train split is empty"),
+        ({"x": images(40)[0], "y": np.r_[images(39)[1], 10**12]},
+         "train label 1000000000000 implies 1,000,000,000,001 classes"),
     ],
     ids=["missing-y", "float-pixels", "no-channel-axis", "float-labels", "length-mismatch", "negative-label",
-         "empty-train"],
+         "empty-train", "huge-label"],
 )
 def test_bad_train_arrays(train, needle, tmp_path, capsys):
     root = write_npz(tmp_path / "d", train=train)
     code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
     assert_clean_error(code, err, needle)
+
+
+def test_inferred_class_count_limit():
+    """npz data take their class count from the largest train label; more classes than both the
+    training samples and 100,000 can only be mislabelled data, anything below is accepted."""
+    from mixtrain.data import MAX_INFERRED_CLASSES, from_arrays
+
+    x, y = images(40)
+    xte, yte = images(4, seed=1)
+    y[0] = MAX_INFERRED_CLASSES - 1  # sparse labels, more classes than samples: still accepted
+    assert from_arrays("t", (x, y), (xte, yte), "here").num_classes == MAX_INFERRED_CLASSES
+    y[0] = MAX_INFERRED_CLASSES
+    with pytest.raises(MixtrainError, match="labels must be 0..C-1: renumber them"):
+        from_arrays("t", (x, y), (xte, yte), "here")
 
 
 def test_test_label_outside_class_range(tmp_path, capsys):
@@ -208,6 +224,26 @@ def npz(tmp_path_factory):
         (["--model", "timm:no_such_net"], "unknown timm model 'no_such_net'"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+        (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
+        (["--label-smoothing", "-1"], "--label-smoothing must be in [0, 1), got -1.0"),
+        (["--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
+        (["--momentum", "nan"], "--momentum must be a finite number >= 0, got nan"),
+        (["--momentum", "0"], "--nesterov on needs --momentum > 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+        (["--warmup", "-1"], "--warmup is a fraction of all samples and must be in [0, 1], got -1.0"),
+        (["--warmup", "5"], "--warmup is a fraction of all samples and must be in [0, 1], got 5.0"),
+        (["--pad", "-5"], "--pad must be >= 0, or -1 for image size / 8, got -5"),
+        (["--image-size", "32"], "--image-size applies only to folder:DIR data"),
+        (["--method", "mixtrain", "--confidence", "0"], "--confidence is a probability of the true class and must be in (0, 1], got 0.0"),
+        (["--method", "mixtrain", "--confidence", "-1"], "must be in (0, 1], got -1.0"),
+        (["--method", "mixtrain", "--confidence", "2"], "must be in (0, 1], got 2.0"),
+        (["--method", "mixtrain", "--quad-confidence", "2"], "--quad-confidence is a probability of the true class and must be in [0, 1] (0: pairs only, no quads), got 2.0"),
+        (["--method", "mixtrain", "--quad-confidence", "-1"], "--quad-confidence is a probability"),
+        (["--mix-rule", "threshold", "--mix-threshold", "-1"], "--mix-threshold is a loss and must be a finite number >= 0, got -1.0"),
+        (["--mix-rule", "threshold", "--mix-threshold", "inf"], "--mix-threshold is a loss and must be a finite number >= 0, got inf"),
+        (["--device", "cuda:abc"], "--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got 'cuda:abc'"),
+        (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got 'gpu0'"),
     ],
 )
 def test_bad_options(args, needle, npz, tmp_path, capsys):
@@ -215,10 +251,45 @@ def test_bad_options(args, needle, npz, tmp_path, capsys):
     assert_clean_error(code, err, needle)
 
 
-def test_bad_option_fails_before_the_data_loads(tmp_path, capsys):
-    # the data path is missing too: an unknown method must be reported first, without loading anything
-    code, err = run(capsys, "--method", "nope", data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
-    assert_clean_error(code, err, "unknown method 'nope'")
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--model", "timm:not_a_model"], "unknown timm model 'not_a_model'"),
+        (["--method", "mixtrain", "--confidence", "0"], "--confidence is a probability"),
+        (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1)"),
+        (["--device", "cuda:abc"], "got 'cuda:abc'"),
+    ],
+)
+def test_bad_option_fails_before_the_data_loads(args, needle, tmp_path, capsys):
+    # the data path is missing too: the bad option must be reported first, without loading anything
+    code, err = run(capsys, *args, data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
+    assert_clean_error(code, err, needle)
+
+
+@pytest.mark.parametrize("size", ["-5", "4"])
+def test_bad_image_size_for_folder_data(size, tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "f" / split / "a").mkdir(parents=True)
+    code, err = run(capsys, "--image-size", size, data=f"folder:{tmp_path / 'f'}", out=tmp_path / "o")
+    assert_clean_error(code, err, f"--image-size must be at least 8 pixels (or 0 for 224), got {size}")
+
+
+def test_cuda_device_index_beyond_the_visible_gpus(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, err = run(capsys, "--device", "cuda:7", data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "--device cuda:7: no such GPU; PyTorch sees 2 (cuda:0 to cuda:1)")
+
+
+def test_cuda_device_without_gpu(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run(capsys, "--device", "cuda:0", data=f"npz:{tmp_path / 'nowhere'}", out=tmp_path / "o")
+    assert_clean_error(code, err, "--device cuda:0 asked for, but PyTorch sees no CUDA GPU")
 
 
 def test_batch_smaller_than_slots_is_valid(npz, tmp_path, capsys):

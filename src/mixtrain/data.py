@@ -25,6 +25,12 @@ from .errors import MixtrainError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# npz data infer their class count as the largest train label + 1. A count above both this and the
+# number of training samples can only come from labels that are not numbered 0..C-1 (a stray huge
+# value would otherwise make the model's head ask for petabytes); real datasets with more classes
+# than samples stay below it.
+MAX_INFERRED_CLASSES = 100_000
+
 
 @dataclass
 class TensorData:
@@ -170,6 +176,13 @@ def from_arrays(
     _check_split("train", xtr, ytr, num_classes, where)
     if num_classes is None:
         num_classes = int(ytr.max()) + 1
+        limit = max(MAX_INFERRED_CLASSES, len(ytr))
+        if num_classes > limit:
+            raise MixtrainError(
+                f"{where}: train label {num_classes - 1} implies {num_classes:,} classes (the class count is the "
+                f"largest label + 1), more than both the {len(ytr):,} training samples and {MAX_INFERRED_CLASSES:,}; "
+                "labels must be 0..C-1: renumber them"
+            )
     _check_split("test", xte, yte, num_classes, where)
     if xtr.shape[1:] != xte.shape[1:]:
         raise MixtrainError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,21 @@ def resolve_device(name: str) -> torch.device:
     """``--device`` (auto, cpu, cuda, cuda:N) as a device; a clear error for what cannot be used."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MixtrainError("--device cuda asked for, but PyTorch sees no CUDA GPU")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise MixtrainError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not m:
+        raise MixtrainError(f"--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {name!r}")
+    if not torch.cuda.is_available():
+        raise MixtrainError(f"--device {name} asked for, but PyTorch sees no CUDA GPU")
+    if m.group(1) is not None:
+        index, count = int(m.group(1)), torch.cuda.device_count()
+        if index >= count:
+            raise MixtrainError(
+                f"--device {name}: no such GPU; PyTorch sees {count} (cuda:0 to cuda:{count - 1})"
+            )
+        return torch.device("cuda", index)
+    return torch.device("cuda")
 
 
 def setup(device_pref: str = "auto") -> DistInfo:

@@ -238,9 +238,16 @@ _TIMM_TRIES = (
 def check_model_name(name: str):
     """Fail early (before any data loads) on a model name that :func:`create_model` cannot build."""
     if name.startswith("timm:"):
-        if not name[5:]:
+        tname = name[5:]
+        if not tname:
             raise MixtrainError("timm: needs a model name, e.g. --model timm:resnet50")
-        return  # checked by timm itself when the model is created
+        try:
+            import timm
+        except ImportError:
+            raise MixtrainError(f"--model {name} needs the timm package (pip install timm)") from None
+        if not timm.is_model(tname):
+            raise MixtrainError(f"unknown timm model {tname!r} (see timm.list_models())")
+        return
     if name not in MODELS:
         raise MixtrainError(f"unknown model {name!r}; choose from {MODEL_HELP}")
 

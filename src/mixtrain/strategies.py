@@ -56,6 +56,18 @@ class MixOptions:
             raise MixtrainError(f"min share must be in (0, 0.5], got {self.min_share}")
         if not 0.0 <= self.fraction <= 1.0:
             raise MixtrainError(f"mix fraction must be in [0, 1], got {self.fraction}")
+        # comparisons written so that NaN fails them too
+        if not 0.0 < self.confidence <= 1.0:
+            raise MixtrainError(
+                f"--confidence is a probability of the true class and must be in (0, 1], got {self.confidence}"
+            )
+        if not 0.0 <= self.quad_confidence <= 1.0:
+            raise MixtrainError(
+                f"--quad-confidence is a probability of the true class and must be in [0, 1] (0: pairs only, no quads), "
+                f"got {self.quad_confidence}"
+            )
+        if not 0.0 <= self.threshold < math.inf:
+            raise MixtrainError(f"--mix-threshold is a loss and must be a finite number >= 0, got {self.threshold}")
         if self.warmup_epochs < 0:
             raise MixtrainError("warm-up epochs must be >= 0")
         if self.final_unmixed_epochs < -1:

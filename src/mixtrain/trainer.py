@@ -35,6 +35,9 @@ from .schedule import step_lrs
 from .strategies import MixOptions, create_strategy
 
 
+MIN_IMAGE_SIZE = 8  # smallest --image-size for folder data (a random-resized crop below this is noise)
+
+
 @dataclass
 class TrainConfig:
     """Every option of a training run, with its default. Saved as ``config.json`` next to results."""
@@ -112,6 +115,28 @@ class TrainConfig:
             raise MixtrainError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         if not math.isfinite(self.lr) or self.lr < 0:
             raise MixtrainError(f"--lr must be a finite number >= 0, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise MixtrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.nesterov and self.momentum == 0:
+            raise MixtrainError("--nesterov on needs --momentum > 0; give --nesterov off for plain SGD without momentum")
+        if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN
+            raise MixtrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise MixtrainError(f"--warmup is a fraction of all samples and must be in [0, 1], got {self.warmup}")
+        if self.pad < -1:
+            raise MixtrainError(f"--pad must be >= 0, or -1 for image size / 8, got {self.pad}")
+        if self.image_size != 0:
+            if not self.data.startswith("folder:"):
+                raise MixtrainError(
+                    f"--image-size applies only to folder:DIR data (it sets their training resolution); "
+                    f"{self.data!r} keeps its own image size, so leave --image-size at 0"
+                )
+            if self.image_size < MIN_IMAGE_SIZE:
+                raise MixtrainError(
+                    f"--image-size must be at least {MIN_IMAGE_SIZE} pixels (or 0 for 224), got {self.image_size}"
+                )
         from .models import check_model_name
         from .strategies import STRATEGIES
 
