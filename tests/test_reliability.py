@@ -401,3 +401,84 @@ def test_save_atomic_keeps_old_checkpoint_when_writing_fails(tmp_path, monkeypat
     (tmp_path / ".ckpt-x.tmp").write_bytes(b"left by a kill")  # what SIGKILL mid-save leaves
     ckpt.remove_stale_temporaries(str(tmp_path))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite losses: the early, non-blocking look every FINITE_CHECK_EVERY steps
+
+
+def _faulty_factory(monkeypatch, at):
+    made = []
+
+    def factory(nc, ic, s):
+        made.append(FaultyNet(nc, ic, at=at, fault="loss"))
+        return made[-1]
+
+    monkeypatch.setitem(M.MODELS, "faulty", factory)
+    return made
+
+
+def test_nan_loss_stops_long_before_the_epoch_ends(npz_dir, tmp_path, monkeypatch, capsys):
+    from mixtrain.trainer import FINITE_CHECK_EVERY
+
+    # 200 samples / batch 2 = 100 steps per epoch; the loss turns NaN at step 3 of epoch 1
+    made = _faulty_factory(monkeypatch, at=3)
+    rc = main(["train", "--data", f"npz:{npz_dir}", "--model", "faulty", "--epochs", "3", "--batch-size", "2",
+               "--lr", "0.05", "--device", "cpu", "--progress", "none", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "non-finite loss at epoch 1, step 3;" in err and "Try a lower --lr" in err
+    assert "none (the run stopped before its first checkpoint)" in err
+    assert made[0].calls == FINITE_CHECK_EVERY < 100  # stopped at the first early look, not at the epoch end
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_nan_loss_stops_early_after_a_mid_epoch_resume(tmp_path, monkeypatch):
+    from mixtrain.errors import MixtrainError
+
+    _faulty_factory(monkeypatch, at=10**9)  # a healthy first run, killed after its step-20 checkpoint
+    crashed = CrashAfter(config(tmp_path, model="faulty", epochs=1, batch_size=2, checkpoint_every=10), tiny_data())
+    crashed.crash_at = "epoch 1, step 20"
+    with pytest.raises(Crash):
+        crashed.fit()
+    # resumed, the loss turns NaN at the resumed run's 2nd step: step 22 of epoch 1
+    made = _faulty_factory(monkeypatch, at=2)
+    resumed = Trainer(config(tmp_path, model="faulty", epochs=1, batch_size=2, resume=True), tiny_data())
+    with pytest.raises(MixtrainError, match=r"non-finite loss at epoch 1, step 22;") as e:
+        resumed.fit()
+    assert "Last good checkpoint: epoch 1, step 20" in str(e.value)
+    assert made[0].calls == 5  # steps 21..25: the look after step 25 stopped it
+    state = load_ckpt(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 20)
+
+
+def test_finite_watch_reads_the_host_flag_only_after_its_copy_landed(monkeypatch):
+    """The CUDA branch of the watch with a stand-in event (no GPU here): one copy in flight at a
+    time, recorded every ``every`` steps; the flag is read only once ``query()`` says it landed."""
+    from mixtrain.trainer import _FiniteWatch
+
+    class Event:
+        def __init__(self):
+            self.records, self.left = 0, 0
+
+        def record(self, stream=None):
+            self.records, self.left = self.records + 1, 5  # lands 5 queries later
+
+        def query(self):
+            self.left -= 1
+            return self.left <= 0
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    w = _FiniteWatch(torch.device("cpu"), every=4)
+    w.cuda, w.host, w.event = True, torch.ones((), dtype=torch.bool), Event()
+    step_loss = torch.zeros(40)
+    w.start(step_loss)
+    seen = []
+    for j in range(40):
+        step_loss[j] = float("nan") if j == 9 else 1.0
+        if w.bad(j):
+            seen.append(j)
+            break
+    # copies after step 4 (all finite; still in flight at step 8, so none recorded then; lands at
+    # step 9) and step 12 (holds step 10's NaN; lands at step 17, when the watch says so)
+    assert seen == [16] and w.event.records == 2

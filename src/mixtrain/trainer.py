@@ -5,7 +5,8 @@
 
 Speed rules kept here: data resident on the device where it fits (uint8), fixed batch shapes,
 no host synchronisation inside a step (LRs and sample counts are host numbers known from the
-plan; losses accumulate on the device and are read once per epoch), bf16 autocast and
+plan; losses accumulate on the device and are read once per epoch, plus a non-blocking look for
+non-finite ones every ``FINITE_CHECK_EVERY`` steps), bf16 autocast and
 channels-last on CUDA, optional ``torch.compile``.
 """
 
@@ -225,6 +226,51 @@ class Progress:
                 f"  mixed {row['mixed_fraction']:.2f}  loss {row['train_loss']:.4f}  {row['seconds']:.2f}s{acc}",
                 flush=True,
             )
+
+
+FINITE_CHECK_EVERY = 25  # steps between the early, non-blocking looks at an epoch's step losses
+
+
+class _FiniteWatch:
+    """Notices a non-finite step loss within about ``every`` steps, without a host sync in a step.
+
+    Every ``every`` steps the device computes "all of this epoch's step losses are finite" (the
+    buffer is zero, so finite, before a step writes it) and, on CUDA, copies it into a pinned host
+    flag with ``non_blocking=True`` behind a recorded event; later steps read the flag only once
+    ``event.query()`` (which never blocks) says the copy has landed. One copy is in flight at a
+    time, so the flag is never read while being written. On the CPU the copy is synchronous
+    anyway: the flag is read at once. ``bad(j)`` only says that a check should run now; the
+    trainer's ``_check_finite`` then finds the exact first bad step and stops.
+    """
+
+    def __init__(self, device: torch.device, every: int = FINITE_CHECK_EVERY):
+        self.every = every
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.ones((), dtype=torch.bool, pin_memory=True) if self.cuda else None
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False  # a copy is in flight
+        self.step_loss = None
+
+    def start(self, step_loss: torch.Tensor):
+        """A new epoch's buffer (the previous epoch's copy has landed: the epoch end synchronised)."""
+        self.step_loss, self.pending = step_loss, False
+
+    def bad(self, j: int) -> bool:
+        """After step ``j`` (0-based): True once a non-finite step loss has been seen."""
+        if self.pending and self.event.query():
+            self.pending = False
+            if not bool(self.host):
+                return True
+        if (j + 1) % self.every == 0:
+            flag = torch.isfinite(self.step_loss).all()
+            if not self.cuda:
+                return not bool(flag)
+            if not self.pending:
+                self.host.copy_(flag, non_blocking=True)
+                self.event.record(torch.cuda.current_stream(self.device))
+                self.pending = True
+        return False
 
 
 class Trainer:
@@ -466,6 +512,11 @@ class Trainer:
         labels = self.data.train_y
         self.model.train()
         acc, eval_seconds = None, 0.0
+        # Early stop on a non-finite loss, long before the epoch ends, on one process only: under
+        # DDP every rank must stop at the same check (a rank that stops alone leaves the others
+        # waiting in their next collective), and agreeing would take a collective, i.e. a host
+        # sync, per check. There the epoch-end (and --checkpoint-every) check stays the only one.
+        watch = _FiniteWatch(self.device) if self.dist.world == 1 else None
 
         while self.epoch < cfg.epochs:
             epoch = self.epoch
@@ -482,7 +533,10 @@ class Trainer:
                                    self.strategy.blend)
             lrs = step_lrs(batches.global_samples, self.samples_seen - (partial or {}).get("samples", 0), total, cfg.lr, cfg.warmup)
             # each step's loss goes into one device buffer: no host sync per step; read at the end
+            # (and watched for non-finite values without blocking, see _FiniteWatch)
             step_loss = torch.zeros(len(batches), device=self.device)
+            if watch is not None:
+                watch.start(step_loss)
             seconds_before, loss_before = 0.0, 0.0
             save_seconds = 0.0  # checkpoint writes inside the epoch are not training time
             if partial:
@@ -506,6 +560,8 @@ class Trainer:
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
                 progress.step()
+                if watch is not None and watch.bad(j):
+                    self._check_finite(step_loss, epoch)  # raises, naming the first non-finite step
                 if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
                     losses = self._check_finite(step_loss[: j + 1], epoch)
                     self._sync()
