@@ -48,10 +48,17 @@ def test_folder_throughput_smoke(tmp_path):
 
 def test_mixing_cost_smoke(tmp_path):
     bench = load_script("mixing_cost")
-    bench.main(["--smoke", "--out", str(tmp_path)])
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "mixing_cost.json").read_text())
-    by = {r["method"]: r for r in result["epochs"]}
-    # everything mixed in pairs from the first epoch: half the passes of the baseline
-    assert by["mixtrain"]["passes_per_epoch"] == by["baseline"]["passes_per_epoch"] / 2
+    by = {r["variant"]: r for r in result["epochs"] if r["graph"] == "off"}
+    base = by["baseline"]["passes_per_epoch"]
+    # every sample in pairs: half the passes; in quads: a quarter; quads on but never mixed: all of them
+    assert by["pairs"]["passes_per_epoch"] == base / 2 and by["pairs"]["slots"] == 2
+    assert by["quads"]["passes_per_epoch"] == base / 4 and by["quads"]["slots"] == 4
+    assert by["k4-unmixed"]["passes_per_epoch"] == base and by["k4-unmixed"]["slots"] == 4
     assert all(r["seconds_per_pass"] > 0 for r in result["epochs"])
-    assert "| eager | off | mixtrain |" in (tmp_path / "mixing_cost.md").read_text()
+    steps = result["steps"]["eager"]
+    assert [steps[v]["samples_per_pass"] for v in ("baseline", "pairs", "quads", "k4-unmixed")] == [1, 2, 4, 1]
+    assert set(result["setup_ms"]) == set(by) and all(t > 0 for t in result["setup_ms"].values())
+    table = (tmp_path / "mixing_cost.md").read_text()
+    assert "| eager | off (off) | quads | 4 |" in table and "benchmarks/mixing_cost.py --smoke" in table

@@ -45,7 +45,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
         g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, plans and augmentation")
         g.add_argument("--out", default=d.out, help="output folder: config.json, metrics.json, checkpoint.pt, logs")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images (passes) per step, per process")
-    g.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu or cuda")
+    g.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu, cuda or cuda:N (the N-th visible GPU)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (SGD, one-cycle schedule in samples seen)")
     o.add_argument("--warmup", type=float, default=d.warmup, help="fraction of all samples over which the LR rises from 0 to its peak")
