@@ -62,3 +62,12 @@ def test_mixing_cost_smoke(tmp_path):
     assert set(result["setup_ms"]) == set(by) and all(t > 0 for t in result["setup_ms"].values())
     table = (tmp_path / "mixing_cost.md").read_text()
     assert "| eager | off (off) | quads | 4 |" in table and "benchmarks/mixing_cost.py --smoke" in table
+
+
+def test_checkpoint_cost_smoke(tmp_path):
+    bench = load_script("checkpoint_cost")
+    assert bench.main(["--model", "digitnet", "--device", "cpu", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "checkpoint_cost.json").read_text())
+    assert len(result["blocked_ms"]) == len(result["written_ms"]) == 2
+    assert all(0 < b <= w for b, w in zip(result["blocked_ms"], result["written_ms"]))  # written = blocked + wait
+    assert result["checkpoint_mb"] > 0 and "checkpoint_cost.py" in (tmp_path / "checkpoint_cost.md").read_text()

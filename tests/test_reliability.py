@@ -285,6 +285,56 @@ def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path):
     assert same_tensors(final["strategy"]["memory"], ref_state["strategy"]["memory"])
 
 
+def test_checkpoint_writer_saves_the_state_as_of_the_call_while_training_goes_on(tmp_path, monkeypatch):
+    import threading
+
+    from mixtrain import checkpoint as ckpt
+
+    path = tmp_path / "checkpoint.pt"
+    release, started = threading.Event(), threading.Event()
+    real_save = ckpt.save_atomic
+
+    def slow_disk(state, p):
+        started.set()
+        assert release.wait(10)
+        real_save(state, p)
+
+    monkeypatch.setattr(ckpt, "save_atomic", slow_disk)
+    writer = ckpt.CheckpointWriter()
+    weights = torch.zeros(4)
+    log = [{"epoch": 1}]
+    writer.save({"w": weights, "log": log, "plan": np.arange(3)}, str(path))
+    assert started.wait(10) and not path.exists()  # save returned while the write is still waiting
+    weights.add_(1.0)  # training goes on and changes the state in place
+    log.append({"epoch": 2})
+    release.set()
+    writer.wait()
+    state = load_ckpt(path)
+    assert torch.equal(state["w"], torch.zeros(4)) and state["log"] == [{"epoch": 1}]
+    assert state["plan"].tolist() == [0, 1, 2]
+
+
+def test_checkpoint_writer_reports_a_failed_write_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from mixtrain import checkpoint as ckpt
+    from mixtrain.errors import MixtrainError
+
+    path = tmp_path / "checkpoint.pt"
+    writer = ckpt.CheckpointWriter()
+    writer.save({"epoch": 1}, str(path))
+    writer.wait()
+
+    def disk_full(obj, f):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    writer.save({"epoch": 2}, str(path))
+    with pytest.raises(MixtrainError, match="cannot write the checkpoint .*checkpoint.pt: disk full"):
+        writer.wait()
+    monkeypatch.undo()
+    assert load_ckpt(path)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    writer.wait()  # the error was reported once
+
+
 # ------------------------------------------------------------------------------------------------
 # non-finite losses
 

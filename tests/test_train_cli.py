@@ -53,6 +53,7 @@ def test_short_run_learns_and_writes_the_contract(runs, method):
         assert saved[key] == value
     assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert saved["train_seconds"] > 0
+    assert saved["wall_seconds"] >= saved["train_seconds"] + saved["eval_seconds"]  # all of fit, not only training
     log = saved["epochs_log"]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     for r in log:

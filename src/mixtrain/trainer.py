@@ -350,6 +350,7 @@ class Trainer:
         self.log: list[dict] = []
         self.partial = None  # mid-epoch state when resuming from a step checkpoint
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        self.checkpoints = ckpt.CheckpointWriter()  # writes in a background thread
         self.last_good = None  # where the latest checkpoint written or loaded stands, for messages
         if cfg.resume:
             self._load(ckpt.load(self.ckpt_path))
@@ -425,7 +426,7 @@ class Trainer:
             )
         if self.is_main and self.cfg.save_checkpoints:
             arrays = plan.arrays() if plan is not None else None
-            ckpt.save_atomic(self.state_dict(arrays, partial), self.ckpt_path)
+            self.checkpoints.save(self.state_dict(arrays, partial), self.ckpt_path)
         self.last_good = where
 
     def _last_good(self) -> str:
@@ -493,6 +494,15 @@ class Trainer:
         return plan_rng, pad_rng, aug
 
     def fit(self) -> dict:
+        self._fit_started = time.perf_counter()
+        try:
+            return self._fit()
+        except BaseException:
+            # the checkpoint in flight is the "last good" one an error message names: let it land
+            self.checkpoints.wait(raise_error=False)
+            raise
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.is_main:
             try:
@@ -612,6 +622,7 @@ class Trainer:
             eval_seconds = time.perf_counter() - t_eval
             if self.log:
                 self.log[-1]["test_accuracy"] = acc
+        self.checkpoints.wait()  # the last checkpoint is on disk before the run reports done
         metrics = {
             "method": cfg.method,
             "model": cfg.resolved_model(),
@@ -625,6 +636,8 @@ class Trainer:
             "samples": sum(r["samples"] for r in self.log),
             "train_seconds": sum(r["seconds"] for r in self.log),
             "eval_seconds": eval_seconds,
+            # everything this process spent in fit: training, evaluation, checkpoints, logs
+            "wall_seconds": time.perf_counter() - self._fit_started,
             "test_accuracy": acc,
             "test_samples": self.test_samples,
             "grid": list(self.grid),
