@@ -165,3 +165,51 @@ def test_pool_masks_average_each_region():
     torch.testing.assert_close(m.sum((-2, -1)), torch.tensor([[1.0, 1.0, 0.0]]))
     assert (m[0, 0, :, 0] == 0.25).all() and (m[0, 0, :, 1:] == 0).all()
     assert (m[0, 1, :, 1:] == 1 / 12).all() and (m[0, 1, :, 0] == 0).all()
+
+
+def _mixtrain_like_plan(n, grid, rng, quad_resize=True):
+    """Quads, pairs and singles in four slots, shuffled, as MixTrain plans an epoch."""
+    ids = rng.permutation(n)
+    q, p2, rest = ids[:8], ids[8:14], ids[14:]
+    items = [P.quads(q.reshape(2, 4), 4, grid, quad_resize),
+             P.pairs(p2[:3], p2[3:], rng.uniform(0.2, 0.8, 3), rng.integers(0, 2, 3), 4, grid, 0.25),
+             P.singles(rest, 4, grid)]
+    plan = P.EpochPlan.concat(items)
+    return plan.take(rng.permutation(plan.items))
+
+
+@pytest.mark.parametrize("grid, size, quad_resize", [((4, 4), 16, True), ((4, 4), 32, False), ((3, 3), 24, True), ((7, 7), 56, True)])
+def test_quad_slots_rendered_in_their_windows_match_full_rendering(grid, size, quad_resize):
+    from mixtrain.batches import EpochBatches
+    from mixtrain.compose import compose_from, geometry
+
+    rng = np.random.default_rng(1)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, size, size), dtype=torch.uint8, generator=g)
+    plan = _mixtrain_like_plan(20, grid, rng, quad_resize)
+    aug = Augment(pad=size // 8, flip=True)
+    eb = EpochBatches(plan, plan.items, grid, "cpu", torch.Generator().manual_seed(3), image_size=(size, size), augment=aug)
+    assert len(eb.geo.windows) == 2  # slots 2 and 3 are drawn in their bottom quadrants only
+    batch = eb.batch(0)
+    fast = batch.compose(images, _norm())
+    # the reference: the same layout and random draws, every slot resampled over the whole image
+    rand = torch.rand((1, plan.items, 4, 5), generator=torch.Generator().manual_seed(3))[0]
+    t = plan.to_torch("cpu")
+    full_geo = geometry(t["box"], t["resize"], t["share"], rand, grid, (size, size), aug)
+    assert full_geo.windows == ()
+    reference = compose_from(images, t["index"], full_geo, _norm())
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_slots_outside_the_quad_windows_are_rendered_whole():
+    from mixtrain.batches import EpochBatches
+
+    grid = (4, 4)
+    plan = P.singles(np.arange(4), 4, grid)
+    plan.box[0, 2] = (0, 0, 2, 2)  # slot 2 in the top-left quadrant: not where quads put it
+    plan.valid[0, 2] = True
+    eb = EpochBatches(plan, 4, grid, "cpu", torch.Generator().manual_seed(0), image_size=(16, 16))
+    assert eb.geo.windows == ()
+    ok = EpochBatches(P.singles(np.arange(4), 4, grid), 4, grid, "cpu", torch.Generator().manual_seed(0), image_size=(16, 16))
+    assert len(ok.geo.windows) == 2  # singles in four slots: slots 2 and 3 empty, windows apply

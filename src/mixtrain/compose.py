@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,15 +114,61 @@ class Geometry:
     weights whose outer product is the slot's weight (its region, times its share when blending);
     ``pool [..., K, gh, gw]`` feature-grid averaging weights. Computing these once per epoch for
     all items leaves the step a handful of large operations.
+
+    ``windows``: pixel boxes ``(top, left, bottom, right)`` of the last ``len(windows)`` slots, which
+    are rendered only inside their window (their ``theta`` maps the window, not the whole image).
+    A quad item's slots 2 and 3 are its bottom quadrants, and no other item uses them, so they cost
+    a quarter of a full slot each instead of a whole one. A static tuple: part of a step's shapes.
     """
 
     theta: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
     pool: torch.Tensor
+    windows: tuple[tuple[int, int, int, int], ...] = ()
 
     def __getitem__(self, j) -> "Geometry":
-        return Geometry(self.theta[j], self.row[j], self.col[j], self.pool[j])
+        return Geometry(self.theta[j], self.row[j], self.col[j], self.pool[j], self.windows)
+
+
+def quad_windows(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int, int, int], ...]:
+    """Pixel boxes of slots 2 and 3 of a quad item (:func:`mixtrain.plan.quads`): the bottom-left and
+    bottom-right quadrants of the grid, with :func:`pixel_boxes`' rounding."""
+    gh, gw = grid
+    ty, tx = gh // 2, gw // 2
+    cells = torch.tensor([[ty, 0, gh, tx], [ty, tx, gh, gw]])
+    return tuple(tuple(int(v) for v in b) for b in pixel_boxes(cells, grid, size).long().tolist())
+
+
+def window_slots_fit(box: np.ndarray, grid: tuple[int, int]) -> bool:
+    """Whether every item's slots 2 and 3 (cell boxes ``[I, K, 4]``, K = 4) are empty or inside
+    their quad windows, so :func:`quad_windows` can render them. Host check, once per epoch."""
+    if box.ndim != 3 or box.shape[1] != 4:
+        return False
+    gh, gw = grid
+    ty, tx = gh // 2, gw // 2
+    for s, (y0, x0, y1, x1) in ((2, (ty, 0, gh, tx)), (3, (ty, tx, gh, gw))):
+        b = box[:, s]
+        empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+        inside = (b[:, 0] >= y0) & (b[:, 1] >= x0) & (b[:, 2] <= y1) & (b[:, 3] <= x1)
+        if not (empty | inside).all():
+            return False
+    return True
+
+
+def window_theta(theta: torch.Tensor, window: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Re-express sampling transforms ``[..., 2, 3]`` over a window of the image instead of the
+    whole image: the same source point for every output pixel inside the window.
+
+    With align_corners=False, window coordinate u' maps to image coordinate
+    u = u' * (ww / W) + (ww + 2 * x0) / W - 1 (likewise for y), so theta' = theta o that map.
+    """
+    h, w = size
+    y0, x0, y1, x1 = window
+    ax, ay = (x1 - x0) / w, (y1 - y0) / h
+    bx, by = (x1 - x0 + 2 * x0) / w - 1.0, (y1 - y0 + 2 * y0) / h - 1.0
+    c0, c1, c2 = theta.unbind(-1)
+    return torch.stack([c0 * ax, c1 * ay, c0 * bx + c1 * by + c2], -1)
 
 
 def geometry(
@@ -133,32 +180,51 @@ def geometry(
     size: tuple[int, int],
     augment: Augment = Augment(),
     blend: bool = False,
+    windows: tuple[tuple[int, int, int, int], ...] = (),
 ) -> Geometry:
-    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws."""
+    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws.
+
+    ``windows``: pixel boxes for the last slots, rendered only there (see :class:`Geometry`).
+    """
     pbox = pixel_boxes(box, grid, size)
     theta = affine_params(pbox, resize, rand, size, augment)
+    if windows:
+        k, first = theta.shape[-3], theta.shape[-3] - len(windows)
+        parts = [theta[..., :first, :, :]] + [window_theta(theta[..., s, :, :], win, size).unsqueeze(-3)
+                                              for s, win in zip(range(first, k), windows)]
+        theta = torch.cat(parts, -3)
     row, col = axis_masks(pbox, size)
     if blend:
         row = row * share[..., None]
-    return Geometry(theta, row, col, pool_masks(box, grid))
+    return Geometry(theta, row, col, pool_masks(box, grid), tuple(windows))
+
+
+def _resample(images: torch.Tensor, src: torch.Tensor, theta: torch.Tensor, normalize: Normalizer,
+              out_hw: tuple[int, int]) -> torch.Tensor:
+    """Normalised, augmented and placed pixels ``[n, C, *out_hw]`` of the ``n`` images ``src``."""
+    n = src.numel()
+    x = normalize(images[src.reshape(-1)])
+    sampling = F.affine_grid(theta.reshape(n, 2, 3), [n, x.shape[1], *out_hw], align_corners=False)
+    return F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def compose_from(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer, single: bool = False) -> torch.Tensor:
     """Composites ``[B, C, H, W]`` (channels-last) from uint8 ``images [M, C, H, W]``.
 
     ``src [B, K]`` indexes ``images``. With ``single`` (K = 1, whole-image regions) the region
-    weights are skipped.
+    weights are skipped. Slots with a window (``geo.windows``) are resampled only inside it and
+    added there: regions are exclusive, so each pixel still gets exactly one slot's value.
     """
     b, k = src.shape
     _, c, h, w = images.shape
-    x = normalize(images[src.reshape(-1)])  # [B*K, C, H, W]
-    sampling = F.affine_grid(geo.theta.reshape(b * k, 2, 3), [b * k, c, h, w], align_corners=False)
-    x = F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
     if single and k == 1:
-        out = x
-    else:
-        x = x.view(b, k, c, h, w) * geo.row[:, :, None, :, None]
-        out = (x * geo.col[:, :, None, None, :]).sum(1)
+        return _resample(images, src, geo.theta, normalize, (h, w)).contiguous(memory_format=torch.channels_last)
+    full = k - len(geo.windows)  # slots resampled over the whole image
+    x = _resample(images, src[:, :full], geo.theta[:, :full], normalize, (h, w)).view(b, full, c, h, w)
+    out = (x * geo.row[:, :full, None, :, None] * geo.col[:, :full, None, None, :]).sum(1)
+    for s, (y0, x0, y1, x1) in zip(range(full, k), geo.windows):
+        part = _resample(images, src[:, s], geo.theta[:, s], normalize, (y1 - y0, x1 - x0))
+        out[:, :, y0:y1, x0:x1] += part * geo.row[:, s, None, y0:y1, None] * geo.col[:, s, None, None, x0:x1]
     return out.contiguous(memory_format=torch.channels_last)
 
 

@@ -48,11 +48,13 @@ class GraphedStep:
 
     @staticmethod
     def _clone_batch(b: Batch) -> Batch:
-        geo = Geometry(b.geo.theta.clone(), b.geo.row.clone(), b.geo.col.clone(), b.geo.pool.clone())
+        geo = Geometry(b.geo.theta.clone(), b.geo.row.clone(), b.geo.col.clone(), b.geo.pool.clone(), b.geo.windows)
         return Batch(b.index.clone(), b.valid.clone(), b.share.clone(), geo, b.samples, b.single)
 
     def _load(self, b: Batch):
         s = self.static
+        if b.geo.windows != s.geo.windows:  # a different compose structure than the one captured
+            raise RuntimeError(f"batch layout windows {b.geo.windows} differ from the captured step's {s.geo.windows}")
         s.index.copy_(b.index, non_blocking=True)
         s.valid.copy_(b.valid, non_blocking=True)
         s.share.copy_(b.share, non_blocking=True)
