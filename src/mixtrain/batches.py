@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compose import Augment, Geometry, Normalizer, compose_from, geometry, quad_windows, window_slots_fit
-from .plan import EpochPlan
+from .compose import Augment, Geometry, Normalizer, compose_from, geometry, quad_windows
+from .plan import EpochPlan, late_slots_in_quad_boxes
 
 
 @dataclass
@@ -83,7 +83,7 @@ class EpochBatches:
         rand = torch.rand((self.num_batches, batch_size, k, 5), generator=generator).to(device, non_blocking=True)
         # four slots where only quads use slots 2 and 3 (mixtrain's plans): render those two in
         # their bottom quadrants only -- a quarter of the pixels each
-        windows = quad_windows(self.grid, tuple(image_size)) if k == 4 and not blend and window_slots_fit(full.box, self.grid) else ()
+        windows = quad_windows(self.grid, tuple(image_size)) if k == 4 and not blend and late_slots_in_quad_boxes(full.box, self.grid) else ()
         self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend, windows)
 
     def __len__(self):

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .plan import quad_boxes
 
 
 @dataclass(frozen=True)
@@ -132,28 +133,10 @@ class Geometry:
 
 
 def quad_windows(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int, int, int], ...]:
-    """Pixel boxes of slots 2 and 3 of a quad item (:func:`mixtrain.plan.quads`): the bottom-left and
-    bottom-right quadrants of the grid, with :func:`pixel_boxes`' rounding."""
-    gh, gw = grid
-    ty, tx = gh // 2, gw // 2
-    cells = torch.tensor([[ty, 0, gh, tx], [ty, tx, gh, gw]])
+    """Pixel boxes of slots 2 and 3 of a quad item (:func:`mixtrain.plan.quad_boxes`): the
+    bottom-left and bottom-right quadrants, with :func:`pixel_boxes`' rounding."""
+    cells = torch.tensor(quad_boxes(grid)[2:])
     return tuple(tuple(int(v) for v in b) for b in pixel_boxes(cells, grid, size).long().tolist())
-
-
-def window_slots_fit(box: np.ndarray, grid: tuple[int, int]) -> bool:
-    """Whether every item's slots 2 and 3 (cell boxes ``[I, K, 4]``, K = 4) are empty or inside
-    their quad windows, so :func:`quad_windows` can render them. Host check, once per epoch."""
-    if box.ndim != 3 or box.shape[1] != 4:
-        return False
-    gh, gw = grid
-    ty, tx = gh // 2, gw // 2
-    for s, (y0, x0, y1, x1) in ((2, (ty, 0, gh, tx)), (3, (ty, tx, gh, gw))):
-        b = box[:, s]
-        empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-        inside = (b[:, 0] >= y0) & (b[:, 1] >= x0) & (b[:, 2] <= y1) & (b[:, 3] <= x1)
-        if not (empty | inside).all():
-            return False
-    return True
 
 
 def window_theta(theta: torch.Tensor, window: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
