@@ -149,7 +149,6 @@ def step_times(data, args, compile_, variants):
         r = {"slots": tr.strategy.slots, "samples_per_pass": batch.samples / args.batch_size,
              "step_ms": median_ms(step, dev, args.repeats), "compose_ms": median_ms(comp, dev, args.repeats)}
         if dev.type == "cuda" and not compile_:
-            tr.use_graph = True
             tr._capture(batch, 0.01)
             if tr.graphed is not None:
                 r["graph_step_ms"] = median_ms(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
