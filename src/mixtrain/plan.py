@@ -162,6 +162,12 @@ def pairs(
     return p
 
 
+def box_shows(box: np.ndarray) -> np.ndarray:
+    """Whether each cell box ``[..., 4]`` (top, left, bottom, right) covers any cell; an empty box
+    is an unused slot."""
+    return (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
+
+
 def quad_boxes(grid: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """Cell boxes of a quad item's four slots: top-left, top-right, bottom-left, bottom-right."""
     gh, gw = grid
@@ -177,9 +183,8 @@ def late_slots_in_quad_boxes(box: np.ndarray, grid: tuple[int, int]) -> bool:
         return False
     for s, (y0, x0, y1, x1) in enumerate(quad_boxes(grid)[2:], start=2):
         b = box[:, s]
-        empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
         inside = (b[:, 0] >= y0) & (b[:, 1] >= x0) & (b[:, 2] <= y1) & (b[:, 3] <= x1)
-        if not (empty | inside).all():
+        if not (~box_shows(b) | inside).all():
             return False
     return True
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .plan import box_shows
+
 
 class _PlanSampler(torch.utils.data.Sampler):
     """Yields one list of dataset indices per step, in step order."""
@@ -36,8 +38,7 @@ def step_lists(index: np.ndarray, box: np.ndarray) -> tuple[list[list[int]], lis
     instead, so it costs no decode of its own. Padding items show a real image (their box is the
     whole grid) and are loaded like any other.
     """
-    shows = (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
-    ids = np.where(shows, index, index[..., :1])
+    ids = np.where(box_shows(box), index, index[..., :1])
     lists, local = [], []
     for step in ids:
         uniq, inverse = np.unique(step, return_inverse=True)
