@@ -494,15 +494,15 @@ class Trainer:
         return plan_rng, pad_rng, aug
 
     def fit(self) -> dict:
-        self._fit_started = time.perf_counter()
+        started = time.perf_counter()
         try:
-            return self._fit()
+            return self._fit(started)
         except BaseException:
             # the checkpoint in flight is the "last good" one an error message names: let it land
             self.checkpoints.wait(raise_error=False)
             raise
 
-    def _fit(self) -> dict:
+    def _fit(self, started: float) -> dict:
         cfg = self.cfg
         if self.is_main:
             try:
@@ -637,7 +637,7 @@ class Trainer:
             "train_seconds": sum(r["seconds"] for r in self.log),
             "eval_seconds": eval_seconds,
             # everything this process spent in fit: training, evaluation, checkpoints, logs
-            "wall_seconds": time.perf_counter() - self._fit_started,
+            "wall_seconds": time.perf_counter() - started,
             "test_accuracy": acc,
             "test_samples": self.test_samples,
             "grid": list(self.grid),
