@@ -71,3 +71,31 @@ def test_checkpoint_cost_smoke(tmp_path):
     assert len(result["blocked_ms"]) == len(result["written_ms"]) == 2
     assert all(0 < b <= w for b, w in zip(result["blocked_ms"], result["written_ms"]))  # written = blocked + wait
     assert result["checkpoint_mb"] > 0 and "checkpoint_cost.py" in (tmp_path / "checkpoint_cost.md").read_text()
+
+
+def test_ddp_scaling_smoke(tmp_path):
+    """One process and torchrun with two (gloo on CPU) train the same global batch; the table
+    compares them, and each run records the command that started it."""
+    bench = load_script("ddp_scaling")
+    assert bench.main(["--smoke", "--methods", "mixtrain", "--seeds", "0", "--variants", "1,2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ddp_scaling.json").read_text())
+    one, two = result["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert (one["batch_size"], two["batch_size"]) == (64, 32)  # per process: the global batch is 64 in both
+    assert "torch.distributed.run" in two["command"] and "--nproc_per_node 2" in two["command"]
+    assert "torch.distributed.run" not in one["command"]
+    assert abs(one["samples"] - two["samples"]) == 0 and one["samples"] == 2 * 1437
+    for r in (one, two):
+        assert 0 < r["steady_seconds"] < r["train_seconds"] and 0 <= r["test_accuracy"] <= 1
+    row = {r["variant"]: r for r in result["summary"]}["2"]
+    assert row["scaling_vs_one_gpu"] == pytest.approx(one["train_seconds"] / two["train_seconds"])
+    assert row["accuracy_diff_vs_one_gpu"] == pytest.approx(two["test_accuracy"] - one["test_accuracy"])
+    table = (tmp_path / "ddp_scaling.md").read_text()
+    assert "| 2 | mixtrain | off | 0 |" in table and "benchmarks/ddp_scaling.py --smoke" in table
+
+
+def test_ddp_scaling_rejects_a_batch_that_does_not_split(tmp_path):
+    bench = load_script("ddp_scaling")
+    with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
+        bench.main(["--smoke", "--variants", "3", "--out", str(tmp_path)])

@@ -1,0 +1,223 @@
+"""Baseline vs MixTrain on one GPU and on several (torchrun, DDP over NCCL), at the same global batch.
+
+Hardware: written for ``nvidia-h100-x2`` (two NVIDIA H100 80GB of one host, 32 CPU cores), CUDA,
+bf16 autocast and channels-last (the trainer's CUDA defaults). NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are forced in every
+child's environment). Versions: each run's ``metrics.json`` records mixtrain, Python, torch,
+torchvision, timm, CUDA and the GPU; ``ddp_scaling.json`` keeps them.
+
+What it times: every run is a separate ``mixtrain train`` process (one GPU) or ``torchrun
+--nproc_per_node N -m mixtrain train`` (N GPUs), exactly as a user starts them. Per run it reports
+the trainer's ``train_seconds`` (device-synchronised wall-clock of all epochs: planning, batch
+set-up, augment + compose, forward/backward/optimiser steps, the end-of-epoch loss-memory merge
+across processes) and the same without epoch 1 (``steady_seconds``: epoch 1 also pays cuDNN
+autotuning, CUDA-graph capture on one GPU and NCCL's first collectives). Not timed: process start,
+loading the data, evaluation, file writes. The global batch is the same everywhere:
+``--batch-size`` per process = global batch / processes, so the LR schedule and every step's
+samples match the one-GPU run. One GPU uses the CUDA-graph step (the trainer's default there);
+DDP runs eagerly; the variant ``1-eager`` adds a one-GPU run without the graph, to separate the two.
+
+Usage (CIFAR-10 as ``train_*.npz`` + ``test.npz``):
+
+    python benchmarks/ddp_scaling.py --data npz:/data/cifar10 --epochs 30 --seeds 0,1 --variants 1,2 --out results/ddp
+    python benchmarks/ddp_scaling.py --smoke --out /tmp/ddp-smoke     # CPU, gloo, digits, seconds
+
+Writes ``OUT/ddp_scaling.json`` (every run) and ``OUT/ddp_scaling.md`` (the table), rewritten after
+every run so that an interrupted benchmark keeps what it finished; runs go to ``OUT/runs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="", help="data spec for mixtrain train (required unless --smoke)")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--methods", default="baseline,mixtrain", help="comma-separated methods")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    p.add_argument("--batch", type=int, default=512, help="global batch (passes per step over all processes)")
+    p.add_argument("--variants", default="1,2",
+                   help="comma-separated: N = N processes (1 = plain one-GPU run), 1-eager = one GPU without the CUDA graph")
+    p.add_argument("--out", default="results/ddp-scaling")
+    p.add_argument("--extra", default="", help="more mixtrain train options, passed to every run (one string)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU check: digits, gloo, 2 epochs, batch 64")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_variant(v: str) -> tuple[int, bool]:
+    """'2' -> (2 processes, default graph setting); '1-eager' -> (1, graph off)."""
+    procs, _, tag = v.partition("-")
+    if not procs.isdigit() or int(procs) < 1 or tag not in ("", "eager"):
+        raise SystemExit(f"error: --variants {v!r}: expected N (processes) or N-eager")
+    return int(procs), tag == "eager"
+
+
+def run_command(args, variant: str, method: str, seed: int, out: str) -> list[str]:
+    procs, eager = parse_variant(variant)
+    if args.batch % procs:
+        raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
+    train = ["-m", "mixtrain", "train", "--data", args.data, "--model", args.model, "--method", method,
+             "--epochs", str(args.epochs), "--seed", str(seed), "--batch-size", str(args.batch // procs),
+             "--out", out, "--progress", "none", "--save-checkpoints", "off", *shlex.split(args.extra)]
+    if eager:
+        train += ["--cuda-graph", "off"]
+    if procs == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(procs),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *train]
+
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(NO_MULTICAST)
+    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "4")
+    return env
+
+
+def one_run(args, variant: str, method: str, seed: int) -> dict:
+    out = os.path.join(args.out, "runs", f"{method}-{variant}-s{seed}")
+    cmd = run_command(args, variant, method, seed, out)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    rec = {"variant": variant, "processes": parse_variant(variant)[0], "method": method, "seed": seed,
+           "command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
+           "process_seconds": time.perf_counter() - t0}
+    if r.returncode != 0:
+        rec["error"] = (r.stderr or r.stdout)[-2000:]
+        return rec
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    logs = m["epochs_log"]
+    rec.update({k: m[k] for k in ("passes", "samples", "train_seconds", "test_accuracy", "world_size",
+                                  "cuda_graph", "batch_size", "versions", "device")})
+    rec["steady_seconds"] = sum(e["seconds"] for e in logs[1:])
+    return rec
+
+
+def mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict], methods: list[str], variants: list[str]) -> list[dict]:
+    rows = {}
+    for variant in variants:
+        for method in methods:
+            done = [r for r in runs if r["variant"] == variant and r["method"] == method and "error" not in r]
+            if not done:
+                continue
+            t, _ = mean_std([r["train_seconds"] for r in done])
+            s, _ = mean_std([r["steady_seconds"] for r in done])
+            a, a_sd = mean_std([r["test_accuracy"] for r in done])
+            rows[variant, method] = {
+                "variant": variant, "method": method, "seeds": [r["seed"] for r in done],
+                "cuda_graph": done[0]["cuda_graph"], "passes": statistics.fmean(r["passes"] for r in done),
+                "train_seconds_mean": t, "steady_seconds_mean": s, "accuracy_mean": a, "accuracy_std": a_sd,
+            }
+    for (variant, method), row in rows.items():
+        base = rows.get((variant, "baseline"))
+        if base:
+            row["speedup_vs_baseline"] = base["train_seconds_mean"] / row["train_seconds_mean"]
+            row["steady_speedup_vs_baseline"] = base["steady_seconds_mean"] / row["steady_seconds_mean"]
+            row["accuracy_diff_vs_baseline"] = row["accuracy_mean"] - base["accuracy_mean"]
+        one = rows.get(("1", method))
+        if one and variant != "1":
+            row["scaling_vs_one_gpu"] = one["train_seconds_mean"] / row["train_seconds_mean"]
+            row["steady_scaling_vs_one_gpu"] = one["steady_seconds_mean"] / row["steady_seconds_mean"]
+            row["accuracy_diff_vs_one_gpu"] = row["accuracy_mean"] - one["accuracy_mean"]
+    return list(rows.values())
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict], runs: list[dict], session: dict) -> str:
+    lines = [
+        f"# Baseline vs MixTrain on 1 and N GPUs ({session['data']}, {session['model']}, {session['epochs']} epochs, global batch {session['batch']})",
+        "",
+        "Train s: the trainer's device-synchronised wall-clock of all epochs; steady s: the same without epoch 1 "
+        "(autotuning, graph capture, first collectives). Speedup: the same variant's baseline seconds / these. "
+        "Scaling: the one-GPU run's seconds of the same method / these. Accuracy: final test accuracy, mean +- std over seeds.",
+        "",
+        "| GPUs | method | CUDA graph | seeds | passes | train s | steady s | accuracy % | speedup (steady) | acc. vs baseline | scaling from 1 GPU (steady) | acc. vs 1 GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sp = "-" if "speedup_vs_baseline" not in r else f"{r['speedup_vs_baseline']:.2f}x ({r['steady_speedup_vs_baseline']:.2f}x)"
+        sc = "-" if "scaling_vs_one_gpu" not in r else f"{r['scaling_vs_one_gpu']:.2f}x ({r['steady_scaling_vs_one_gpu']:.2f}x)"
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {'on' if r['cuda_graph'] else 'off'} | {','.join(map(str, r['seeds']))} "
+            f"| {r['passes']:,.0f} | {r['train_seconds_mean']:.1f} | {r['steady_seconds_mean']:.1f} "
+            f"| {100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} | {sp} "
+            f"| {fmt(r.get('accuracy_diff_vs_baseline') and 100 * r['accuracy_diff_vs_baseline'], '+.2f')} | {sc} "
+            f"| {fmt(r.get('accuracy_diff_vs_one_gpu') and 100 * r['accuracy_diff_vs_one_gpu'], '+.2f')} |")
+    lines += ["", "## Every run", "", "| GPUs | method | seed | train s | steady s | accuracy % | process s |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['method']} | {r['seed']} | failed | | | {r['process_seconds']:.0f} |")
+        else:
+            lines.append(f"| {r['variant']} | {r['method']} | {r['seed']} | {r['train_seconds']:.1f} | {r['steady_seconds']:.1f} "
+                         f"| {100 * r['test_accuracy']:.2f} | {r['process_seconds']:.0f} |")
+    v = next((r["versions"] for r in runs if "versions" in r), {})
+    lines += ["", f"Versions: {', '.join(f'{k} {val}' for k, val in v.items())}", "",
+              f"Command: `{session['command']}`", "", "Each run's own command is in ddp_scaling.json (`command`)."]
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        lines += ["", "## Failed runs", ""] + [f"- {r['variant']} {r['method']} seed {r['seed']}: `{r['error'][-300:]}`" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.data, args.model, args.epochs, args.batch = "digits", "digitnet", 2, 64
+        args.extra = (args.extra + " --device cpu --lr 0.05").strip()
+    if not args.data:
+        raise SystemExit("error: --data is required (or --smoke)")
+    methods = [m for m in args.methods.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        parse_variant(v)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    os.makedirs(args.out, exist_ok=True)
+    session = {"data": args.data, "model": args.model, "epochs": args.epochs, "batch": args.batch,
+               "command": " ".join(["python3", "benchmarks/ddp_scaling.py", *(argv if argv is not None else sys.argv[1:])])}
+    runs = []
+    for seed in seeds:  # interleaved, so drift hits every variant and method alike
+        for method in methods:
+            for variant in variants:
+                rec = one_run(args, variant, method, seed)
+                runs.append(rec)
+                status = "FAILED" if "error" in rec else f"{rec['train_seconds']:.1f} s, acc {rec['test_accuracy']:.4f}"
+                print(f"[ddp_scaling] {variant} GPU(s) {method} seed {seed}: {status}", flush=True)
+                rows = summarise(runs, methods, variants)
+                with open(os.path.join(args.out, "ddp_scaling.json"), "w") as f:
+                    json.dump({"session": session, "runs": runs, "summary": rows}, f, indent=1)
+                with open(os.path.join(args.out, "ddp_scaling.md"), "w") as f:
+                    f.write(markdown(rows, runs, session))
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
