@@ -226,6 +226,8 @@ def npz(tmp_path_factory):
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
         (["--label-smoothing", "-1"], "--label-smoothing must be in [0, 1), got -1.0"),
+        (["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0 (0: off), got -1.0"),
+        (["--clip-grad", "nan"], "--clip-grad must be a finite number >= 0 (0: off), got nan"),
         (["--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
         (["--momentum", "nan"], "--momentum must be a finite number >= 0, got nan"),
         (["--momentum", "0"], "--nesterov on needs --momentum > 0"),

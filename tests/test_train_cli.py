@@ -178,7 +178,7 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
     args = parser.parse_args([
         "train", "--data", "npz:/x", "--model", "resnet18", "--method", "mixtrain", "--epochs", "7",
         "--batch-size", "16", "--seed", "3", "--device", "cpu", "--out", "o", "--lr", "0.3", "--warmup", "0.1",
-        "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1",
+        "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1", "--clip-grad", "2",
         "--precision", "fp32", "--channels-last", "off", "--compile", "--cuda-graph", "off", "--image-size", "64", "--pad", "2",
         "--flip", "on", "--workers", "3", "--eval-every", "2", "--eval-batch-size", "99", "--checkpoint-every", "5",
         "--resume", "--deterministic", "--progress", "line", "--csv", "--tensorboard", "--save-checkpoints", "off",
@@ -212,3 +212,30 @@ def test_folder_data_trains_through_the_stream(tmp_path):
     assert m["grid"] == [4, 4]
     assert [r["passes"] for r in m["epochs_log"]] == [18, 9] and m["samples"] == 36
     assert 0.0 <= m["test_accuracy"] <= 1.0
+
+
+def test_clip_grad_bounds_every_step(tmp_path):
+    """With plain SGD (no momentum, no weight decay) a step moves the weights by lr x the clipped
+    gradient, so a tiny clip norm keeps them where they started; without clipping they move."""
+    import torch
+
+    from mixtrain.trainer import Trainer
+
+    def moved(clip):
+        cfg = TrainConfig(data="digits", method="mixtrain", epochs=2, batch_size=64, lr=0.5, momentum=0.0, nesterov=False,
+                          weight_decay=0.0, clip_grad=clip, seed=0, device="cpu", out=str(tmp_path / f"c{clip}"),
+                          progress="none", save_checkpoints=False)
+        t = Trainer(cfg)
+        before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
+        t.fit()
+        after = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+        return float((after - before).norm()), t.log[-1]
+
+    steps = 2 * -(-1437 // 64)  # at most this many steps over the two epochs
+    tiny, log = moved(1e-6)
+    assert tiny <= 0.5 * 1e-6 * steps * 1.01
+    # the epoch log reports the unclipped norms and the clipped steps: here every step
+    assert log["clipped_steps"] == -(-log["passes"] // 64) and log["grad_norm_max"] >= log["grad_norm_mean"] > 1e-3
+    free, log = moved(0.0)
+    assert free > 1000 * tiny and log["passes"] < 1437  # it trained, and mixed
+    assert "grad_norm_mean" not in log  # measured only where clipping is on

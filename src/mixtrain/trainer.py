@@ -57,6 +57,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    clip_grad: float = 0.0  # clip the global gradient norm to this (0: off)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # on CUDA
     compile: bool = False
@@ -124,6 +125,8 @@ class TrainConfig:
             raise MixtrainError("--nesterov on needs --momentum > 0; give --nesterov off for plain SGD without momentum")
         if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN
             raise MixtrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not math.isfinite(self.clip_grad) or self.clip_grad < 0:
+            raise MixtrainError(f"--clip-grad must be a finite number >= 0 (0: off), got {self.clip_grad}")
         if not 0.0 <= self.warmup <= 1.0:
             raise MixtrainError(f"--warmup is a fraction of all samples and must be in [0, 1], got {self.warmup}")
         if self.pad < -1:
@@ -341,6 +344,9 @@ class Trainer:
         if cfg.cuda_graph == "on" and not graphable:
             raise MixtrainError("--cuda-graph on needs one CUDA process, data resident on the GPU (not folder:) and no --compile")
         self.use_graph = graphable and cfg.cuda_graph != "off"
+        # with --clip-grad: per epoch, sum and max of the (unclipped) gradient norm and the count of
+        # clipped steps, accumulated on the device in place (so the CUDA graph updates them too)
+        self.grad_stats = torch.zeros(3, device=self.device) if cfg.clip_grad > 0 else None
         self.graphed = None  # the captured step, made at the first step
         self.graph_used = False
 
@@ -458,6 +464,8 @@ class Trainer:
             self.graph_used = True
         else:
             self.use_graph = False
+        if self.grad_stats is not None:  # the capture's warm-up steps do not count
+            self.grad_stats.zero_()
 
     def _train_step(self, batch, x, labels, scale: float = 1.0):
         """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
@@ -478,6 +486,12 @@ class Trainer:
             loss = soft_label_loss(logits, targets, batch.share, batch.valid, self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if scale == 1.0 else loss * scale).backward()
+        if self.grad_stats is not None:  # on the device, no host sync (so also inside the CUDA graph)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad, foreach=True)
+            st = self.grad_stats
+            st[0].add_(norm)
+            st[1].copy_(torch.maximum(st[1], norm))
+            st[2].add_((norm > self.cfg.clip_grad).float())
         self.optimizer.step()
         s.record(batch, logits, targets)  # the loss memory (only for strategies that use one)
         return loss.detach()
@@ -554,6 +568,7 @@ class Trainer:
                     loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
             source = self._source(batches)
+            first_step = self.step_in_epoch
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
             for j in range(self.step_in_epoch, len(batches)):
                 batch = batches.batch(j)
@@ -601,6 +616,11 @@ class Trainer:
                 "mixed_fraction": plan.mixed_samples / n,
                 "lr_end": float(lrs[-1]),
             }
+            if self.grad_stats is not None:  # this process's steps of the epoch (read after the sync above)
+                total, peak, clipped = self.grad_stats.tolist()
+                steps = max(1, len(batches) - first_step)
+                row.update(grad_norm_mean=total / steps, grad_norm_max=peak, clipped_steps=int(clipped))
+                self.grad_stats.zero_()
             self.epoch += 1
             self.step_in_epoch = 0
             # the last epoch is always scored, before its row is logged (log.csv, TensorBoard, line)
