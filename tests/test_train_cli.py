@@ -239,3 +239,18 @@ def test_clip_grad_bounds_every_step(tmp_path):
     free, log = moved(0.0)
     assert free > 1000 * tiny and log["passes"] < 1437  # it trained, and mixed
     assert "grad_norm_mean" not in log  # measured only where clipping is on
+
+
+def test_clip_grad_above_every_norm_changes_nothing(tmp_path):
+    """A clip norm no gradient reaches leaves training exactly as without clipping (the LR
+    schedule, the steps and the losses of every epoch)."""
+    def losses(clip):
+        cfg = TrainConfig(data="digits", method="mixtrain", epochs=3, batch_size=128, lr=0.1, clip_grad=clip, seed=0,
+                          device="cpu", out=str(tmp_path / f"c{clip}"), progress="none", save_checkpoints=False)
+        log = train(cfg)["epochs_log"]
+        return [(e["train_loss"], e["lr_end"], e["passes"]) for e in log], log
+
+    plain, _ = losses(0.0)
+    clipped, log = losses(1e9)
+    assert clipped == plain
+    assert all(e["clipped_steps"] == 0 and 0 < e["grad_norm_mean"] <= e["grad_norm_max"] < 1e9 for e in log)

@@ -617,9 +617,9 @@ class Trainer:
                 "lr_end": float(lrs[-1]),
             }
             if self.grad_stats is not None:  # this process's steps of the epoch (read after the sync above)
-                total, peak, clipped = self.grad_stats.tolist()
-                steps = max(1, len(batches) - first_step)
-                row.update(grad_norm_mean=total / steps, grad_norm_max=peak, clipped_steps=int(clipped))
+                norm_sum, norm_max, clipped = self.grad_stats.tolist()
+                row.update(grad_norm_mean=norm_sum / max(1, len(batches) - first_step), grad_norm_max=norm_max,
+                           clipped_steps=int(clipped))
                 self.grad_stats.zero_()
             self.epoch += 1
             self.step_in_epoch = 0
