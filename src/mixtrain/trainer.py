@@ -57,7 +57,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    clip_grad: float = 0.0  # clip the global gradient norm to this (0: off)
+    clip_grad: float = 2.0  # clip the global gradient norm to this (0: off): a guard against loss spikes
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # on CUDA
     compile: bool = False
