@@ -459,13 +459,14 @@ class Trainer:
             return self._train_step(b, b.compose(images, self.normalize), labels)
 
         g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None))
+        before = None if self.grad_stats is None else self.grad_stats.clone()
         if g.capture(batch, lr):
             self.graphed = g
             self.graph_used = True
         else:
             self.use_graph = False
-        if self.grad_stats is not None:  # the capture's warm-up steps do not count
-            self.grad_stats.zero_()
+        if before is not None:  # the capture's warm-up steps do not count
+            self.grad_stats.copy_(before)
 
     def _train_step(self, batch, x, labels, scale: float = 1.0):
         """One step; ``scale`` weighs this rank's mean loss under DDP (EpochBatches.loss_scale)."""
@@ -567,8 +568,12 @@ class Trainer:
                 if self.is_main:  # saved as the sum over all ranks: add it back once
                     loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
+                if self.grad_stats is not None and "grad_stats" in partial:
+                    self.grad_stats.copy_(torch.tensor(partial["grad_stats"]))
             source = self._source(batches)
-            first_step = self.step_in_epoch
+            # the gradient-norm statistics cover the epoch from here (from its start when resumed
+            # from a checkpoint that saved them)
+            first_step = 0 if (partial or {}).get("grad_stats") is not None else self.step_in_epoch
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
             for j in range(self.step_in_epoch, len(batches)):
                 batch = batches.batch(j)
@@ -598,6 +603,8 @@ class Trainer:
                     done = int(batches.global_samples[: j + 1].sum())
                     so_far = self._loss_sum(losses, batches.local_samples[: j + 1], loss_before)
                     partial_state = {"loss_sum": so_far, "seconds": secs, "samples": done}
+                    if self.grad_stats is not None:  # so a resumed epoch logs the whole epoch's norms
+                        partial_state["grad_stats"] = self.grad_stats.tolist()
                     self._save(f"epoch {epoch + 1}, step {j + 1}", plan, partial_state)
                     save_seconds += time.perf_counter() - t_save
             self.strategy.end_epoch(self.dist.world > 1)
