@@ -90,6 +90,30 @@ def test_render_report_table():
     assert "n/a (no baseline runs)" in no_base
 
 
+def _log(losses, mixed):
+    return [{"epoch": i + 1, "train_loss": l, "mixed_fraction": m} for i, (l, m) in enumerate(zip(losses, mixed))]
+
+
+def test_loss_spikes_ignore_the_switch_of_mixing():
+    # mixing on from epoch 2 (loss rises: not a spike), a real spike at epoch 4, off again at 6
+    log = _log([1.7, 1.9, 1.0, 2.1, 0.9, 0.95], [0, 0.5, 0.5, 0.5, 0.6, 0])
+    assert bench.loss_spikes(log) == [4]
+    assert bench.loss_spikes(_log([1.0, 1.04, 1.0], [0.5, 0.5, 0.5])) == []  # a 4 % rise is noise
+    assert bench.loss_spikes(_log([1.0, 1.06], [0, 0])) == [2]  # the baseline can spike too
+    assert bench.loss_spikes([]) == []
+
+
+def test_render_report_flags_loss_spikes_and_grad_norms():
+    spiky = dict(MADE_UP[4], epochs_log=[dict(e, grad_norm_max=g) for e, g in
+                                         zip(_log([1.7, 1.0, 2.1, 0.9], [0, 0.5, 0.5, 0.5]), [3.0, 1.2, 9.5, 1.1])])
+    results = {"format": bench.FORMAT, "setup": {"data": "digits"}, "sessions": [], "planned": [],
+               "runs": MADE_UP[:4] + [spiky] + MADE_UP[5:]}
+    text = bench.render_report(results)
+    assert "**Loss spikes**" in text and "1 of 7 runs (mixtrain-e10-s0)" in text
+    assert f"| {spiky['key']} | 8.00 |" in text and "| 3 | 9.5 |" in text
+    assert "**Loss spikes**" not in bench.render_report({**results, "runs": MADE_UP})
+
+
 def test_parse_lists():
     assert bench.parse_seeds("3") == [0, 1, 2]
     assert bench.parse_seeds("7,2") == [2, 7]

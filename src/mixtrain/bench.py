@@ -286,6 +286,24 @@ def _setup_summary(setup: dict) -> str:
     return ", ".join(parts)
 
 
+SPIKE_RISE = 0.05  # an epoch's mean training loss this much above the previous epoch's
+
+
+def loss_spikes(epochs_log: list[dict], rise: float = SPIKE_RISE) -> list[int]:
+    """Epochs (1-based) whose mean training loss rose more than ``rise`` over the previous epoch's.
+
+    Training loss normally falls epoch by epoch; a rise means the run diverged for a while (seen
+    with mixing at a high learning rate and no gradient clipping). Not counted: the epoch where
+    mixing switches on or off, since composites are harder (or easier) than single images.
+    """
+    out = []
+    for prev, cur in zip(epochs_log, epochs_log[1:]):
+        switched = (prev.get("mixed_fraction", 0) > 0) != (cur.get("mixed_fraction", 0) > 0)
+        if not switched and cur["train_loss"] > prev["train_loss"] * (1 + rise):
+            out.append(int(cur["epoch"]))
+    return out
+
+
 def render_report(results: dict) -> str:
     """The markdown report of a results dict (see :func:`run_bench` for its fields)."""
     reference = "baseline"
@@ -311,6 +329,11 @@ def render_report(results: dict) -> str:
     if missing:
         lines.append(f"- **Incomplete**: {len(missing)} of {len(planned)} planned runs missing "
                      f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
+    spiked = [r for r in runs if loss_spikes(r.get("epochs_log", []))]
+    if spiked:
+        lines.append(f"- **Loss spikes** (an epoch's mean training loss > {100 * SPIKE_RISE:.0f} % above the previous "
+                     f"epoch's): {len(spiked)} of {len(runs)} runs ({', '.join(r['key'] for r in spiked[:8])}"
+                     f"{', ...' if len(spiked) > 8 else ''}); see the spike column below")
     compiled = [r["key"] for r in runs if r.get("compiled_graphs")]
     if compiled:
         lines.append(f"- **Warning**: torch.compile built new graphs inside timed runs: {', '.join(compiled)}")
@@ -330,10 +353,15 @@ def render_report(results: dict) -> str:
             f"{_ratio(r['speedup'])} | {_ratio(r['pass_ratio'])} | {_gain_text(r, rows, reference)} |"
         )
     lines += ["", "![test accuracy vs train seconds](frontier.png)", "", "## Every run", "",
-              "| run | train s | passes | samples | test acc % | eval s |", "|---|---:|---:|---:|---:|---:|"]
+              "| run | train s | passes | samples | test acc % | eval s | loss spikes (epochs) | max grad norm |",
+              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in sorted(runs, key=lambda r: (r["method"], r["epochs"], r["seed"])):
+        log = r.get("epochs_log", [])
+        spikes = ", ".join(map(str, loss_spikes(log))) or "-"
+        norms = [e["grad_norm_max"] for e in log if "grad_norm_max" in e]
         lines.append(f"| {r['key']} | {r['train_seconds']:.2f} | {r['passes']:,} | {r['samples']:,} | "
-                     f"{_pct(r['test_accuracy'])} | {r.get('eval_seconds', 0.0):.2f} |")
+                     f"{_pct(r['test_accuracy'])} | {r.get('eval_seconds', 0.0):.2f} | {spikes} | "
+                     f"{f'{max(norms):.1f}' if norms else '-'} |")
     return "\n".join(lines) + "\n"
 
 
