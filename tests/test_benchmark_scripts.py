@@ -99,3 +99,26 @@ def test_ddp_scaling_rejects_a_batch_that_does_not_split(tmp_path):
     bench = load_script("ddp_scaling")
     with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
         bench.main(["--smoke", "--variants", "3", "--out", str(tmp_path)])
+
+
+def test_epoch_cost_fit_recovers_step_and_epoch_costs(tmp_path):
+    """Epoch seconds made from a known per-step and per-epoch cost are split back into them."""
+    fit = load_script("epoch_cost_fit")
+
+    def run(method, seed, epochs_passes, step_ms, fixed_ms):
+        log = [{"epoch": i + 1, "passes": p, "mixed_fraction": 0.0 if p == 1024 else 0.5,
+                "seconds": (-(-p // 128) * step_ms + fixed_ms) / 1000} for i, p in enumerate(epochs_passes)]
+        return {"method": method, "epochs": len(log), "seed": seed, "epochs_log": log}
+
+    runs = [run("baseline", 0, [1024] * 4, 10.0, 0.0),
+            run("mixtrain", 0, [1024, 700, 500, 1024], 10.4, 3.0), run("mixtrain", 1, [1024, 640, 380, 1024], 10.4, 3.0)]
+    (tmp_path / "results.json").write_text(json.dumps({"setup": {"batch_size": 128}, "runs": runs}))
+    out = tmp_path / "fit.md"
+    assert fit.main([str(tmp_path), "--out", str(out)]) == 0
+    (row,) = fit.analyse(json.loads((tmp_path / "results.json").read_text()))
+    assert row["baseline_ms_per_step"] == pytest.approx(10.0)
+    assert row["ms_per_step"] == pytest.approx(10.4) and row["fixed_ms_per_epoch"] == pytest.approx(3.0, abs=1e-6)
+    assert row["step_cost"] == pytest.approx(0.04)
+    assert row["unmixed_ms_per_step"] == pytest.approx((8 * 10.4 + 3.0) / 8)  # the final epochs: 8 steps each
+    assert "| mixtrain | 4 | 6 | 10.00 | 10.40 | 3.0 | +4.0% |" in out.read_text()
+    assert fit.main([str(tmp_path / "nowhere")]) == 2
