@@ -60,7 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak LR for the CNNs (SGD, one-cycle)")
-    p.add_argument("--vit-lr", type=float, default=0.05, help="peak LR for the ViTs (SGD, one-cycle)")
+    p.add_argument("--vit-lr", type=float, default=0.05, help="peak LR for the ViTs (one-cycle)")
+    p.add_argument("--vit-optimizer", default="sgd", help="optimizer for the ViTs: sgd or adamw (then e.g. --vit-lr 0.001 --vit-weight-decay 0.05)")
+    p.add_argument("--vit-weight-decay", type=float, default=TrainConfig.weight_decay, help="weight decay for the ViTs")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
                    help="a MixOptions field for mixtrain, e.g. --mix quad_confidence=0.95 (repeatable)")
@@ -192,11 +194,13 @@ def main(argv=None) -> int:
             data=args.data or data.name, model=model, method=method, epochs=n_epochs, batch_size=batch, seed=seed,
             device=dev, out=out, lr=args.vit_lr if model in VITS else args.lr, compile=args.compile,
             progress="none" if quiet else "line", save_checkpoints=False, mix=opts,
+            **({"optimizer": args.vit_optimizer, "weight_decay": args.vit_weight_decay} if model in VITS else {}),
         )
 
     session = {
         "benchmark": "models", "data": args.data or data.name, "device": dev, "epochs": epochs, "seeds": seeds,
-        "models": models, "batch_size": batch, "lr": args.lr, "vit_lr": args.vit_lr, "compile": args.compile,
+        "models": models, "batch_size": batch, "lr": args.lr, "vit_lr": args.vit_lr,
+        "vit_optimizer": args.vit_optimizer, "vit_weight_decay": args.vit_weight_decay, "compile": args.compile,
         "mix": dataclasses.asdict(mix), "versions": versions(), "command": " ".join(["benchmarks/models.py", *(sys.argv[1:] if argv is None else argv)]),
         "timing": "train_seconds: device-synchronised wall-clock of all epochs; excludes data loading, model "
                   "construction, evaluation, file writes and the untimed warm-up",

@@ -34,6 +34,15 @@ def test_models_benchmark_smoke(tmp_path):
     assert "| mobilenetv2 | mixtrain | 2 | 1 | 96 |" in table
 
 
+def test_models_benchmark_gives_the_vits_their_own_optimizer(tmp_path):
+    bench = load_script("models")
+    assert bench.main(["--smoke", "--models", "vit_tiny", "--seeds", "0", "--vit-optimizer", "adamw", "--vit-lr", "0.001",
+                       "--vit-weight-decay", "0.05", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "models.json").read_text())
+    assert (result["vit_optimizer"], result["vit_lr"], result["vit_weight_decay"]) == ("adamw", 0.001, 0.05)
+    assert {r["method"] for r in result["runs"]} == {"baseline", "mixtrain"} and not result["failed"]
+
+
 def test_folder_throughput_smoke(tmp_path):
     bench = load_script("folder_throughput")
     assert bench.main(["--smoke", "--plans", "mixed", "--out", str(tmp_path)]) == 0

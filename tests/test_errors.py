@@ -226,6 +226,7 @@ def npz(tmp_path_factory):
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
         (["--label-smoothing", "-1"], "--label-smoothing must be in [0, 1), got -1.0"),
+        (["--optimizer", "adam"], "--optimizer must be sgd or adamw, got 'adam'"),
         (["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0 (0: off), got -1.0"),
         (["--clip-grad", "nan"], "--clip-grad must be a finite number >= 0 (0: off), got nan"),
         (["--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from mixtrain import MixOptions, TrainConfig, Trainer
+from mixtrain.errors import MixtrainError
 from mixtrain import models as M
 from mixtrain.cli import main
 from mixtrain.data import from_arrays
@@ -532,3 +533,26 @@ def test_finite_watch_reads_the_host_flag_only_after_its_copy_landed(monkeypatch
     # copies after step 4 (all finite; still in flight at step 8, so none recorded then; lands at
     # step 9) and step 12 (holds step 10's NaN; lands at step 17, when the watch says so)
     assert seen == [16] and w.event.records == 2
+
+
+def test_adamw_run_resumes_exactly(tmp_path):
+    """--optimizer adamw: a run killed mid-epoch and resumed ends with the weights and Adam moments
+    of an uninterrupted run (the optimizer kind is part of what a checkpoint must match)."""
+    ref_out = tmp_path / "ref"
+    ref = Trainer(config(ref_out, method="mixtrain", optimizer="adamw", lr=0.003), tiny_data()).fit()
+    ref_state = load_ckpt(ref_out / "checkpoint.pt")
+    out = tmp_path / "run"
+    crashed = CrashAfter(config(out, method="mixtrain", optimizer="adamw", lr=0.003, checkpoint_every=4), tiny_data())
+    crashed.crash_at = "epoch 2, step 4"
+    with pytest.raises(Crash):
+        crashed.fit()
+    with pytest.raises(MixtrainError, match="optimizer: 'adamw' -> 'sgd'"):
+        Trainer(config(out, method="mixtrain", lr=0.003, checkpoint_every=4, resume=True), tiny_data())
+    resumed = Trainer(config(out, method="mixtrain", optimizer="adamw", lr=0.003, checkpoint_every=4, resume=True),
+                      tiny_data()).fit()
+    assert without_timings(resumed["epochs_log"]) == without_timings(ref["epochs_log"])
+    final = load_ckpt(out / "checkpoint.pt")
+    assert same_tensors(final["model"], ref_state["model"])
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in final["optimizer"]["state"].values()]
+    ref_moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in ref_state["optimizer"]["state"].values()]
+    assert moments and all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(moments, ref_moments))

@@ -277,7 +277,7 @@ def _gain_text(r: dict, rows: list[dict], reference: str) -> str:
 
 
 def _setup_summary(setup: dict) -> str:
-    keys = ["batch_size", "lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "precision", "channels_last",
+    keys = ["batch_size", "optimizer", "lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "precision", "channels_last",
             "compile", "pad", "flip", "deterministic"]
     parts = [f"{k}={setup[k]}" for k in keys if k in setup]
     mix = setup.get("mix") or {}

@@ -53,6 +53,7 @@ class TrainConfig:
     out: str = "runs/latest"
     lr: float = 0.2  # peak learning rate of the one-cycle schedule
     warmup: float = 0.15  # fraction of all samples over which the LR rises to its peak
+    optimizer: str = "sgd"  # sgd (momentum, Nesterov) | adamw (momentum and Nesterov unused)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -121,7 +122,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise MixtrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.nesterov and self.momentum == 0:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise MixtrainError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise MixtrainError("--nesterov on needs --momentum > 0; give --nesterov off for plain SGD without momentum")
         if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN
             raise MixtrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -331,13 +334,12 @@ class Trainer:
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            fused=self.device.type == "cuda",  # one kernel per step instead of several
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"  # one kernel per step instead of several
+        if cfg.optimizer == "adamw":  # the usual choice for ViTs
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
         self.net = self.dist.wrap(self.model)
         self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
         graphable = self.device.type == "cuda" and self.dist.world == 1 and not self.data.streaming and not cfg.compile
