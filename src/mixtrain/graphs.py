@@ -104,7 +104,9 @@ class GraphedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # a capturable optimizer (AdamW) warns when stepped outside a capture: here on purpose
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 for _ in range(self.warmup):
                     self.eager_step(self.static)
             torch.cuda.current_stream().wait_stream(side)

@@ -334,18 +334,19 @@ class Trainer:
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"  # one kernel per step instead of several
-        if cfg.optimizer == "adamw":  # the usual choice for ViTs
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
-        self.net = self.dist.wrap(self.model)
-        self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
         graphable = self.device.type == "cuda" and self.dist.world == 1 and not self.data.streaming and not cfg.compile
         if cfg.cuda_graph == "on" and not graphable:
             raise MixtrainError("--cuda-graph on needs one CUDA process, data resident on the GPU (not folder:) and no --compile")
         self.use_graph = graphable and cfg.cuda_graph != "off"
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"  # one kernel per step instead of several
+        if cfg.optimizer == "adamw":  # the usual choice for ViTs
+            # capturable: its step counters stay on the GPU, so the CUDA graph can capture the step
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=self.use_graph)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
+        self.net = self.dist.wrap(self.model)
+        self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
         # with --clip-grad: per epoch, sum and max of the (unclipped) gradient norm and the count of
         # clipped steps, accumulated on the device in place (so the CUDA graph updates them too)
         self.grad_stats = torch.zeros(3, device=self.device) if cfg.clip_grad > 0 else None
@@ -403,6 +404,9 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if "capturable" in self.optimizer.defaults:  # where this run trains, not where the checkpoint was made
+                for g in self.optimizer.param_groups:
+                    g["capturable"] = self.optimizer.defaults["capturable"]
             self.strategy.load_state_dict(state["strategy"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise MixtrainError(f"cannot resume from {self.ckpt_path}: it does not fit this model and data ({e})") from e
