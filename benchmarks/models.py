@@ -223,7 +223,7 @@ def main(argv=None) -> int:
                 try:
                     m = Trainer(config(model, method, seed, epochs, out), data=data).fit()
                     run = {k: m[k] for k in ("model", "method", "seed", "epochs", "passes", "samples", "train_seconds",
-                                             "test_accuracy", "pass_speedup", "grid")}
+                                             "test_accuracy", "pass_speedup", "grid", "cuda_graph")}
                     run["epochs_log"] = m["epochs_log"]
                 except MixtrainError as e:  # e.g. a diverged ViT: record it, go on with the others
                     run = {"model": model, "method": method, "seed": seed, "error": str(e)}

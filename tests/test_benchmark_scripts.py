@@ -41,6 +41,7 @@ def test_models_benchmark_gives_the_vits_their_own_optimizer(tmp_path):
     result = json.loads((tmp_path / "models.json").read_text())
     assert (result["vit_optimizer"], result["vit_lr"], result["vit_weight_decay"]) == ("adamw", 0.001, 0.05)
     assert {r["method"] for r in result["runs"]} == {"baseline", "mixtrain"} and not result["failed"]
+    assert all(r["cuda_graph"] is False for r in result["runs"])  # recorded per run (no graph on the CPU)
 
 
 def test_folder_throughput_smoke(tmp_path):
