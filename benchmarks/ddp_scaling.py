@@ -39,6 +39,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from mixtrain.bench import mean_std  # noqa: E402
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -115,10 +119,6 @@ def one_run(args, variant: str, method: str, seed: int) -> dict:
     return rec
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(runs: list[dict], methods: list[str], variants: list[str]) -> list[dict]:
     rows = {}
     for variant in variants:
@@ -129,6 +129,7 @@ def summarise(runs: list[dict], methods: list[str], variants: list[str]) -> list
             t, _ = mean_std([r["train_seconds"] for r in done])
             s, _ = mean_std([r["steady_seconds"] for r in done])
             a, a_sd = mean_std([r["test_accuracy"] for r in done])
+            a_sd = a_sd or 0.0  # one seed: no spread
             rows[variant, method] = {
                 "variant": variant, "method": method, "seeds": [r["seed"] for r in done],
                 "cuda_graph": done[0]["cuda_graph"], "passes": statistics.fmean(r["passes"] for r in done),
