@@ -574,12 +574,14 @@ class Trainer:
                 if self.is_main:  # saved as the sum over all ranks: add it back once
                     loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
-                if self.grad_stats is not None and "grad_stats" in partial:
-                    self.grad_stats.copy_(torch.tensor(partial["grad_stats"]))
             source = self._source(batches)
-            # the gradient-norm statistics cover the epoch from here (from its start when resumed
-            # from a checkpoint that saved them)
-            first_step = 0 if (partial or {}).get("grad_stats") is not None else self.step_in_epoch
+            # the gradient-norm statistics cover the epoch from here, or from its start when resumed
+            # from a checkpoint that saved them
+            first_step = self.step_in_epoch
+            saved_stats = (partial or {}).get("grad_stats")
+            if self.grad_stats is not None and saved_stats is not None:
+                self.grad_stats.copy_(torch.tensor(saved_stats))
+                first_step = 0
             progress.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
             for j in range(self.step_in_epoch, len(batches)):
                 batch = batches.batch(j)
