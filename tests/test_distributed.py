@@ -58,7 +58,7 @@ def test_shards_cover_the_plan_once_with_fixed_shapes(world):
     assert len(steps) == 1  # every rank takes the same number of steps
     for s in shards:
         for bt in s:
-            assert bt.index.shape == (batch, 2) and bt.geo.theta.shape == (batch, 2, 2, 3)
+            assert bt.index.shape == (batch, 2) and bt.geo.xline.shape == (batch, 3, 32)
     # the per-step global counts are the sums of the ranks' counts, the same on every rank
     total = sum(s.local_samples for s in shards)
     for s in shards:

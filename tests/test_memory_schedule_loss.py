@@ -154,3 +154,22 @@ def test_sample_stats():
     ce = F.cross_entropy(logits.reshape(8, 5).float(), targets.reshape(-1), reduction="none").view(4, 2)
     torch.testing.assert_close(nll, ce)
     assert torch.equal(correct, logits.argmax(-1) == targets)
+
+
+def test_record_reuses_the_separated_loss_per_slot_cross_entropy():
+    # the trainer hands record() the per-slot losses separated_loss already computed; the memory
+    # must hold what it holds when record() computes them itself
+    from types import SimpleNamespace
+
+    logits = _logits(4, 2, 5)
+    targets = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 1]])
+    valid = torch.tensor([[True, True], [True, False], [True, True], [False, False]])
+    batch = SimpleNamespace(index=torch.tensor([[0, 1], [2, 7], [3, 4], [5, 6]]), valid=valid)
+    _, ce = separated_loss(logits, targets, valid)
+    a, b = (MixTrain(8, (4, 4), 3) for _ in range(2))
+    a.record(batch, logits, targets)
+    b.record(batch, logits, targets, ce)
+    la, ca = a.memory.snapshot()
+    lb, cb = b.memory.snapshot()
+    np.testing.assert_allclose(la, lb, rtol=1e-6, equal_nan=True)
+    assert np.array_equal(ca, cb) and np.isnan(la[[5, 6, 7]]).all() and not np.isnan(la[:5]).any()

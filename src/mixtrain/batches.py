@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compose import Augment, Geometry, Normalizer, compose_from, geometry, quad_windows
-from .plan import EpochPlan, late_slots_in_quad_boxes
+from .compose import Augment, Geometry, Normalizer, compose_from, geometry
+from .plan import EpochPlan
 
 
 @dataclass
@@ -81,10 +81,7 @@ class EpochBatches:
         t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in self.plan.to_torch(device).items()}
         self.index, self.valid, self.share = t["index"], t["valid"], t["share"]
         rand = torch.rand((self.num_batches, batch_size, k, 5), generator=generator).to(device, non_blocking=True)
-        # four slots where only quads use slots 2 and 3 (mixtrain's plans): render those two in
-        # their bottom quadrants only -- a quarter of the pixels each
-        windows = quad_windows(self.grid, tuple(image_size)) if k == 4 and not blend and late_slots_in_quad_boxes(full.box, self.grid) else ()
-        self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend, windows)
+        self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend)
 
     def __len__(self):
         return self.num_batches

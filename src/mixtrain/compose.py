@@ -1,10 +1,11 @@
 """Augment + compose: the pixels of every constituent into its region, as one batched operation.
 
-Each slot's constituent goes through one affine resampling (``affine_grid`` + ``grid_sample``)
-that does, at once, the usual random crop with zero padding (a translation), the horizontal
-flip, and the placement into its region -- either a crop of the region's size taken at a random
-offset (no resizing distortion) or the whole image downscaled into the region. Translations by
-whole pixels land on pixel centres, so bilinear sampling copies pixels exactly there.
+Each slot's constituent goes through one axis-aligned resampling (``grid_sample``) that does, at
+once, the usual random crop with zero padding (a translation), the horizontal flip, and the
+placement into its region -- either a crop of the region's size taken at a random offset (no
+resizing distortion) or the whole image downscaled into the region. Translations by whole pixels
+land on pixel centres, so bilinear sampling copies pixels exactly there. Regions do not overlap,
+so one resampling renders every slot of a composite at once (see :func:`compose_from`).
 
 All random numbers come in ``rand [B, K, 5]`` (uniform in [0, 1)), drawn once per epoch by the
 trainer: the step itself draws nothing, has fixed shapes and never waits for the host.
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from .plan import quad_boxes
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,15 @@ class Normalizer:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.bias = -mean_t / std_t
+        self.offset = 255.0 * mean_t  # (x - offset) * scale is the normalised x
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.bias, x_uint8.float(), self.scale)
+
+    def scale_into(self, x_offset: torch.Tensor) -> torch.Tensor:
+        """``(x - offset)`` pixels ``[B, C, H, W]`` -> normalised, in channels-last layout (one kernel)."""
+        out = torch.empty(x_offset.shape, device=x_offset.device, dtype=x_offset.dtype, memory_format=torch.channels_last)
+        return torch.mul(x_offset, self.scale, out=out)
 
 
 def pixel_boxes(box: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -111,47 +116,61 @@ def pool_masks(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class Geometry:
     """Everything about an item's layout that the step needs, computed for many items at once.
 
-    ``theta [..., K, 2, 3]`` sampling transforms; ``row [..., K, H]`` and ``col [..., K, W]`` pixel
-    weights whose outer product is the slot's weight (its region, times its share when blending);
-    ``pool [..., K, gh, gw]`` feature-grid averaging weights. Computing these once per epoch for
-    all items leaves the step a handful of large operations.
-
-    ``windows``: pixel boxes ``(top, left, bottom, right)`` of the last ``len(windows)`` slots, which
-    are rendered only inside their window (their ``theta`` maps the window, not the whole image).
-    A quad item's slots 2 and 3 are its bottom quadrants, and no other item uses them, so they cost
-    a quarter of a full slot each instead of a whole one. A static tuple: part of a step's shapes.
+    The sampling transforms have no rotation or shear (crop, flip, placement and downscale are
+    separate along each axis), so each slot's is kept as a line of numbers, ``lines [..., K + 1,
+    W + H + 1]``: the source x of every output column, the source y of every output row
+    (normalised as for ``grid_sample``, align_corners=False) and the slot's depth in the volume of
+    :func:`_composite_exclusive`. Entry ``1 + k`` is slot ``k``; entry 0 is a point outside the
+    image, read (as zeros) where no region covers a pixel. ``row [..., K, H]`` and ``col [..., K,
+    W]`` are pixel weights whose outer product is the slot's weight (its region, times its share
+    when blending); ``pool [..., K, gh, gw]`` feature-grid averaging weights. ``exclusive``:
+    regions do not overlap, so each pixel shows one slot's pixels (every plan but MixUp's blends)
+    and one resampling renders all slots; a static flag, part of a step's structure. Computing
+    these once per epoch for all items leaves the step a handful of operations.
     """
 
-    theta: torch.Tensor
+    lines: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
     pool: torch.Tensor
-    windows: tuple[tuple[int, int, int, int], ...] = ()
+    exclusive: bool = True
 
     def __getitem__(self, j) -> "Geometry":
-        return Geometry(self.theta[j], self.row[j], self.col[j], self.pool[j], self.windows)
+        return Geometry(self.lines[j], self.row[j], self.col[j], self.pool[j], self.exclusive)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.lines, self.row, self.col, self.pool)
+
+    @property
+    def xline(self) -> torch.Tensor:
+        """Source x of each output column, ``[..., K + 1, W]``."""
+        return self.lines[..., : self.col.shape[-1]]
+
+    @property
+    def yline(self) -> torch.Tensor:
+        """Source y of each output row, ``[..., K + 1, H]``."""
+        w = self.col.shape[-1]
+        return self.lines[..., w : w + self.row.shape[-1]]
 
 
-def quad_windows(grid: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int, int, int], ...]:
-    """Pixel boxes of slots 2 and 3 of a quad item (:func:`mixtrain.plan.quad_boxes`): the
-    bottom-left and bottom-right quadrants, with :func:`pixel_boxes`' rounding."""
-    cells = torch.tensor(quad_boxes(grid)[2:])
-    return tuple(tuple(int(v) for v in b) for b in pixel_boxes(cells, grid, size).long().tolist())
+# a source coordinate outside [-1, 1] by more than one pixel: bilinear sampling reads zeros there
+_OUTSIDE = -4.0
 
 
-def window_theta(theta: torch.Tensor, window: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Re-express sampling transforms ``[..., 2, 3]`` over a window of the image instead of the
-    whole image: the same source point for every output pixel inside the window.
-
-    With align_corners=False, window coordinate u' maps to image coordinate
-    u = u' * (ww / W) + (ww + 2 * x0) / W - 1 (likewise for y), so theta' = theta o that map.
-    """
+def sampling_lines(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Axis-aligned sampling transforms ``theta [..., K, 2, 3]`` -> :attr:`Geometry.lines`
+    ``[..., K + 1, W + H + 1]``; x and y exactly where ``F.affine_grid(theta, align_corners=False)``
+    would place them, then the depth ``(2k + 1) / K - 1`` of slot k; entry 0 outside the image."""
     h, w = size
-    y0, x0, y1, x1 = window
-    ax, ay = (x1 - x0) / w, (y1 - y0) / h
-    bx, by = (x1 - x0 + 2 * x0) / w - 1.0, (y1 - y0 + 2 * y0) / h - 1.0
-    c0, c1, c2 = theta.unbind(-1)
-    return torch.stack([c0 * ax, c1 * ay, c0 * bx + c1 * by + c2], -1)
+    k = theta.shape[-3]
+    xs = (torch.arange(w, device=theta.device, dtype=torch.float32) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=torch.float32) * 2 + 1) / h - 1
+    xline = theta[..., 0, 0, None] * xs + theta[..., 0, 2, None]
+    yline = theta[..., 1, 1, None] * ys + theta[..., 1, 2, None]
+    depth = ((torch.arange(k, device=theta.device, dtype=torch.float32) * 2 + 1) / k - 1).expand(*theta.shape[:-2])
+    slots = torch.cat([xline, yline, depth[..., None]], -1)
+    outside = torch.cat([slots.new_full((w,), _OUTSIDE), slots.new_zeros(h + 1)]).expand(*theta.shape[:-3], 1, w + h + 1)
+    return torch.cat([outside, slots], -2)
 
 
 def geometry(
@@ -163,52 +182,90 @@ def geometry(
     size: tuple[int, int],
     augment: Augment = Augment(),
     blend: bool = False,
-    windows: tuple[tuple[int, int, int, int], ...] = (),
 ) -> Geometry:
-    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws.
-
-    ``windows``: pixel boxes for the last slots, rendered only there (see :class:`Geometry`).
-    """
+    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws."""
     pbox = pixel_boxes(box, grid, size)
-    theta = affine_params(pbox, resize, rand, size, augment)
-    if windows:
-        k, first = theta.shape[-3], theta.shape[-3] - len(windows)
-        parts = [theta[..., :first, :, :]] + [window_theta(theta[..., s, :, :], win, size).unsqueeze(-3)
-                                              for s, win in zip(range(first, k), windows)]
-        theta = torch.cat(parts, -3)
+    lines = sampling_lines(affine_params(pbox, resize, rand, size, augment), size)
     row, col = axis_masks(pbox, size)
     if blend:
         row = row * share[..., None]
-    return Geometry(theta, row, col, pool_masks(box, grid), tuple(windows))
+    return Geometry(lines, row, col, pool_masks(box, grid), exclusive=not blend)
 
 
-def _resample(images: torch.Tensor, src: torch.Tensor, theta: torch.Tensor, normalize: Normalizer,
-              out_hw: tuple[int, int]) -> torch.Tensor:
-    """Normalised, augmented and placed pixels ``[n, C, *out_hw]`` of the ``n`` images ``src``."""
-    n = src.numel()
-    x = normalize(images[src.reshape(-1)])
-    sampling = F.affine_grid(theta.reshape(n, 2, 3), [n, x.shape[1], *out_hw], align_corners=False)
-    return F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
+def _sampling_grid(xline: torch.Tensor, yline: torch.Tensor) -> torch.Tensor:
+    """Per-slot lines ``[n, W]``, ``[n, H]`` -> a ``grid_sample`` grid ``[n, H, W, 2]``."""
+    n, w = xline.shape
+    h = yline.shape[1]
+    return torch.stack([xline[:, None, :].expand(n, h, w), yline[:, :, None].expand(n, h, w)], -1)
 
 
-def compose_from(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer, single: bool = False) -> torch.Tensor:
-    """Composites ``[B, C, H, W]`` (channels-last) from uint8 ``images [M, C, H, W]``.
+_WITHIN: dict = {}
 
-    ``src [B, K]`` indexes ``images``. With ``single`` (K = 1, whole-image regions) the region
-    weights are skipped. Slots with a window (``geo.windows``) are resampled only inside it and
-    added there: regions are exclusive, so each pixel still gets exactly one slot's value.
+
+def _within_lines(h: int, w: int, device) -> torch.Tensor:
+    """``[H, W, 3]``: where pixel (y, x)'s source x, source y and depth lie within a slot's lines
+    (made once per size and device, so a step -- and a captured CUDA graph -- reuses it)."""
+    key = (h, w, str(device))
+    if key not in _WITHIN:
+        ys = torch.arange(h, device=device, dtype=torch.float32)[:, None].expand(h, w)
+        xs = torch.arange(w, device=device, dtype=torch.float32)[None, :].expand(h, w)
+        _WITHIN[key] = torch.stack([xs, ys + w, torch.full_like(xs, w + h)], -1)
+    return _WITHIN[key]
+
+
+def _composite_exclusive(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer) -> torch.Tensor:
+    """All slots in one resampling: the K source images as the depth of a volume, and for each
+    output pixel the source point of the slot whose region holds it (depth = that slot).
+
+    Trilinear sampling at a slot's exact depth reads that slot alone, so this equals resampling
+    every slot over the whole image and keeping each pixel's own -- at a fraction of the work. The
+    images are offset by the mean before sampling (zero padding then reads the mean colour, as
+    padding a normalised image does) and scaled once, on the composite.
     """
     b, k = src.shape
     _, c, h, w = images.shape
-    if single and k == 1:
-        return _resample(images, src, geo.theta, normalize, (h, w)).contiguous(memory_format=torch.channels_last)
-    full = k - len(geo.windows)  # slots resampled over the whole image
-    x = _resample(images, src[:, :full], geo.theta[:, :full], normalize, (h, w)).view(b, full, c, h, w)
-    out = (x * geo.row[:, :full, None, :, None] * geo.col[:, :full, None, None, :]).sum(1)
-    for s, (y0, x0, y1, x1) in zip(range(full, k), geo.windows):
-        part = _resample(images, src[:, s], geo.theta[:, s], normalize, (y1 - y0, x1 - x0))
-        out[:, :, y0:y1, x0:x1] += part * geo.row[:, s, None, y0:y1, None] * geo.col[:, s, None, None, x0:x1]
-    return out.contiguous(memory_format=torch.channels_last)
+    stride = geo.lines.shape[-1]  # W + H + 1
+    # where each pixel's (x, y, depth) lie in the item's flattened lines: its owner's entry (the
+    # slot 1 + k whose region holds it, 0 where none does, the last where regions overlap) ...
+    code = torch.arange(1, k + 1, device=src.device, dtype=geo.row.dtype) * stride
+    owner = ((geo.row * code[:, None])[:, :, :, None] * geo.col[:, :, None, :]).amax(1)  # [B, H, W]
+    # ... plus the pixel's column, row, and the depth's place within that entry
+    where = (owner[..., None] + _within_lines(h, w, owner.device)).long()
+    sampling = torch.gather(geo.lines.reshape(b, -1), 1, where.reshape(b, -1)).view(b, 1, h, w, 3)
+    volume = (images[src] - normalize.offset).transpose(1, 2)  # [B, C, K, H, W] (a view)
+    out = F.grid_sample(volume, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return normalize.scale_into(out[:, :, 0])
+
+
+def _composite_single(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer) -> torch.Tensor:
+    sampling = _sampling_grid(geo.xline[:, 1], geo.yline[:, 1])
+    x = images[src[:, 0]] - normalize.offset
+    return normalize.scale_into(F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False))
+
+
+def _composite_weighted(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer) -> torch.Tensor:
+    """Every slot resampled over the whole image, weighted by its pixel weights and summed (MixUp's
+    blends; the reference the exclusive path is tested against)."""
+    b, k = src.shape
+    _, c, h, w = images.shape
+    x = images[src.reshape(-1)] - normalize.offset
+    sampling = _sampling_grid(geo.xline[:, 1:].reshape(b * k, w), geo.yline[:, 1:].reshape(b * k, h))
+    x = F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False).view(b, k, c, h, w)
+    return normalize.scale_into((x * geo.row[:, :, None, :, None] * geo.col[:, :, None, None, :]).sum(1))
+
+
+def compose_from(images: torch.Tensor, src: torch.Tensor, geo: Geometry, normalize: Normalizer, single: bool = False) -> torch.Tensor:
+    """Composites ``[B, C, H, W]`` (channels-last, normalised) from uint8 ``images [M, C, H, W]``.
+
+    ``src [B, K]`` indexes ``images``. With ``single`` (K = 1, whole-image regions) there are no
+    regions to resolve; with ``geo.exclusive`` each pixel shows the slot whose region holds it
+    (zero where none does); otherwise (blends) the slots' weighted pixels are summed.
+    """
+    if single and src.shape[1] == 1:
+        return _composite_single(images, src, geo, normalize)
+    if geo.exclusive:
+        return _composite_exclusive(images, src, geo, normalize)
+    return _composite_weighted(images, src, geo, normalize)
 
 
 def compose(

@@ -48,20 +48,18 @@ class GraphedStep:
 
     @staticmethod
     def _clone_batch(b: Batch) -> Batch:
-        geo = Geometry(b.geo.theta.clone(), b.geo.row.clone(), b.geo.col.clone(), b.geo.pool.clone(), b.geo.windows)
+        geo = Geometry(*(t.clone() for t in b.geo.tensors()), exclusive=b.geo.exclusive)
         return Batch(b.index.clone(), b.valid.clone(), b.share.clone(), geo, b.samples, b.single)
 
     def _load(self, b: Batch):
         s = self.static
-        if b.geo.windows != s.geo.windows:  # a different compose structure than the one captured
-            raise RuntimeError(f"batch layout windows {b.geo.windows} differ from the captured step's {s.geo.windows}")
+        if b.geo.exclusive != s.geo.exclusive:  # a different compose structure than the one captured
+            raise RuntimeError("this batch's regions overlap (or not) unlike the captured step's")
         s.index.copy_(b.index, non_blocking=True)
         s.valid.copy_(b.valid, non_blocking=True)
         s.share.copy_(b.share, non_blocking=True)
-        s.geo.theta.copy_(b.geo.theta, non_blocking=True)
-        s.geo.row.copy_(b.geo.row, non_blocking=True)
-        s.geo.col.copy_(b.geo.col, non_blocking=True)
-        s.geo.pool.copy_(b.geo.pool, non_blocking=True)
+        for dst, src in zip(s.geo.tensors(), b.geo.tensors()):
+            dst.copy_(src, non_blocking=True)
         s.samples = b.samples
 
     def _set_lr(self, lr: float):

@@ -175,20 +175,6 @@ def quad_boxes(grid: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     return [(0, 0, ty, tx), (0, tx, ty, gw), (ty, 0, gh, tx), (ty, tx, gh, gw)]
 
 
-def late_slots_in_quad_boxes(box: np.ndarray, grid: tuple[int, int]) -> bool:
-    """Whether every item's slots 2 and 3 (cell boxes ``[I, 4, 4]``) are empty or inside the quad
-    boxes of those slots -- true of every plan built from :func:`singles`, :func:`pairs` and
-    :func:`quads`, so those two slots can be rendered in their quadrants alone."""
-    if box.ndim != 3 or box.shape[1] != 4:
-        return False
-    for s, (y0, x0, y1, x1) in enumerate(quad_boxes(grid)[2:], start=2):
-        b = box[:, s]
-        inside = (b[:, 0] >= y0) & (b[:, 1] >= x0) & (b[:, 2] <= y1) & (b[:, 3] <= x1)
-        if not (~box_shows(b) | inside).all():
-            return False
-    return True
-
-
 def quads(ids: np.ndarray, k: int, grid: tuple[int, int], resize: bool = True) -> EpochPlan:
     """Items of four samples on a 2x2 grid of regions (``ids`` is ``[Q, 4]``)."""
     if k < 4:

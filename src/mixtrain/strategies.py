@@ -103,12 +103,17 @@ class Strategy:
     def observe(self, index, valid, loss, correct):
         """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
 
-    def record(self, batch, logits, targets):
+    def record(self, batch, logits, targets, nll=None):
         """Feed a step's predictions ``[B, K, classes]`` and labels ``[B, K]`` to :meth:`observe`
         (per-sample loss and correctness; no extra forward pass, no host sync). The trainer's step
-        and one's own loop both call this; it does nothing for strategies without a loss memory."""
+        and one's own loop both call this; it does nothing for strategies without a loss memory.
+        ``nll``: the per-slot cross-entropy ``[B, K]`` if already computed without label smoothing
+        (``separated_loss``'s second result then), so it is not computed twice."""
         if self.uses_memory:
-            nll, correct = sample_stats(logits.detach(), targets)
+            if nll is None:
+                nll, correct = sample_stats(logits.detach(), targets)
+            else:
+                nll, correct = nll.detach(), logits.detach().argmax(-1) == targets
             self.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
 
     def end_epoch(self, distributed: bool = False):

@@ -488,7 +488,7 @@ class Trainer:
             else:
                 logits = self.forward(x)
         if s.separate:
-            loss, _ = separated_loss(logits, targets, batch.valid, self.cfg.label_smoothing, self.loss_per)
+            loss, ce = separated_loss(logits, targets, batch.valid, self.cfg.label_smoothing, self.loss_per)
         else:
             loss = soft_label_loss(logits, targets, batch.share, batch.valid, self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -500,7 +500,10 @@ class Trainer:
             st[1].copy_(torch.maximum(st[1], norm))
             st[2].add_((norm > self.cfg.clip_grad).float())
         self.optimizer.step()
-        s.record(batch, logits, targets)  # the loss memory (only for strategies that use one)
+        # the loss memory (only for strategies that use one), from the losses just computed when
+        # they are the plain cross-entropy
+        plain = s.separate and self.cfg.label_smoothing == 0
+        s.record(batch, logits, targets, ce if plain else None)
         return loss.detach()
 
     # ------------------------------------------------------------------------------------------
