@@ -277,3 +277,11 @@ def test_nothing_seen_nothing_mixed():
     plan = s.plan_epoch(0, _rng(0))
     _each_once(plan)
     assert plan.mixed_samples == 0 and plan.passes == N and plan.slots == 4
+
+
+@pytest.mark.parametrize("epochs, final", [(2, 1), (10, 1), (15, 1), (29, 1), (30, 2), (60, 4)])
+def test_default_final_unmixed_epochs_one_per_15_at_least_one(epochs, final):
+    s = MixTrain(N, GRID, epochs)
+    assert s.opts.final_epochs(epochs) == final
+    assert not s.mixing(epochs - 1) and (epochs - final <= 1 or s.mixing(epochs - final - 1))
+    assert MixOptions(final_unmixed_epochs=0).final_epochs(epochs) == 0  # asked for none: none

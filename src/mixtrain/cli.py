@@ -66,7 +66,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     a.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers for folder data")
     x = p.add_argument_group("mixing (mixtrain, cutmix, mixup)")
     x.add_argument("--warmup-epochs", type=int, default=m.warmup_epochs, help="first epochs trained unmixed (the loss memory fills)")
-    x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed (-1: one per 15 epochs of the schedule, e.g. 2 of 30)")
+    x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed (-1: one per 15 epochs of the schedule, at least one: 1 of 10, 2 of 30)")
     x.add_argument("--mix-rule", default=m.rule, help="which samples are mixed: auto (classified right with p(true) >= --confidence), threshold (loss < --mix-threshold), fraction (lowest-loss --mix-fraction), all")
     x.add_argument("--confidence", type=float, default=m.confidence, help="auto rule: true-class probability a sample needs in its last pass to be mixed")
     x.add_argument("--mix-threshold", type=float, default=m.threshold, help="threshold rule: mix samples whose last loss is below this")

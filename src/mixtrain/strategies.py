@@ -30,7 +30,7 @@ class MixOptions:
     """Options of the mixing strategies (every default is visible in ``--help`` and the config)."""
 
     warmup_epochs: int = 1  # first epochs unmixed, so the loss memory fills
-    final_unmixed_epochs: int = -1  # last epochs unmixed; -1: one per 15 epochs of the schedule (30 -> 2)
+    final_unmixed_epochs: int = -1  # last epochs unmixed; -1: one per 15 epochs of the schedule, at least one (10 -> 1, 30 -> 2)
     rule: str = "auto"  # auto | threshold | fraction | all
     confidence: float = 0.5  # auto: mix a sample last classified right with p(true) >= this
     threshold: float = 0.3  # threshold: mix a sample whose last loss < this
@@ -71,11 +71,12 @@ class MixOptions:
         if self.warmup_epochs < 0:
             raise MixtrainError("warm-up epochs must be >= 0")
         if self.final_unmixed_epochs < -1:
-            raise MixtrainError("final unmixed epochs must be >= 0, or -1 for one per 15 epochs of the schedule")
+            raise MixtrainError("final unmixed epochs must be >= 0, or -1 for one per 15 epochs of the schedule (at least one)")
 
     def final_epochs(self, num_epochs: int) -> int:
-        """Unmixed epochs at the end of a ``num_epochs`` schedule (resolves -1)."""
-        return num_epochs // 15 if self.final_unmixed_epochs < 0 else self.final_unmixed_epochs
+        """Unmixed epochs at the end of a ``num_epochs`` schedule (resolves -1: one per 15 epochs, at
+        least one -- batch-norm statistics then end on whole images; measured in the method card)."""
+        return max(1, num_epochs // 15) if self.final_unmixed_epochs < 0 else self.final_unmixed_epochs
 
 
 class Strategy:
