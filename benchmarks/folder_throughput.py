@@ -139,7 +139,7 @@ def make_plan(kind: str, n: int, grid, seed: int):
     rng = np.random.default_rng(seed)
     if kind == "baseline":
         return Strategy(n, grid, 1).plan_epoch(0, rng)
-    return MixTrain(n, grid, 1, "cpu", MixOptions(rule="all", warmup_epochs=0)).plan_epoch(0, rng)
+    return MixTrain(n, grid, 1, "cpu", MixOptions(rule="all", warmup_epochs=0, final_unmixed_epochs=0)).plan_epoch(0, rng)
 
 
 def sync(device):

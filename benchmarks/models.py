@@ -184,12 +184,13 @@ def main(argv=None) -> int:
     mix = mix_options(args.mix)
     if args.smoke:
         mix.rule = "all"  # random-ish data is never learned confidently in two epochs: mix anyway
+        mix.final_unmixed_epochs = 0
     dev = str(resolve_device(device))
 
     def config(model, method, seed, n_epochs, out, mix_all=False, quiet=args.smoke):
         opts = copy.deepcopy(mix)
         if mix_all:  # the warm-up must run the mixed step whatever the (untrained) losses say
-            opts.rule = "all"
+            opts.rule, opts.final_unmixed_epochs = "all", 0
         return TrainConfig(
             data=args.data or data.name, model=model, method=method, epochs=n_epochs, batch_size=batch, seed=seed,
             device=dev, out=out, lr=args.vit_lr if model in VITS else args.lr, compile=args.compile,

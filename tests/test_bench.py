@@ -153,7 +153,7 @@ def _tiny_npz(folder):
 def _bench(data, out, *extra):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "mixtrain", "bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off",
-           "--batch-size", "32", "--lr", "0.05", "--mix-rule", "all", "--device", "cpu", "--epochs", "1,2",
+           "--batch-size", "32", "--lr", "0.05", "--mix-rule", "all", "--final-unmixed-epochs", "0", "--device", "cpu", "--epochs", "1,2",
            "--methods", "baseline,mixtrain", "--out", str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -201,12 +201,12 @@ def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
     assert main(["bench", "--data", f"npz:{data}", "--out", str(out), "--device", "cpu"]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main(["bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off", "--batch-size", "32",
-                 "--lr", "0.1", "--mix-rule", "all", "--device", "cpu", "--out", str(out), "--resume"]) == 2
+                 "--lr", "0.1", "--mix-rule", "all", "--final-unmixed-epochs", "0", "--device", "cpu", "--out", str(out), "--resume"]) == 2
     assert "setup differs: lr: 0.05 then, 0.1 now" in capsys.readouterr().err
 
     # --stop-after with no time left starts nothing (no data loaded, no warm-up)
     args = ["bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off", "--batch-size", "32",
-            "--lr", "0.05", "--mix-rule", "all", "--device", "cpu", "--epochs", "1,2", "--seeds", "2",
+            "--lr", "0.05", "--mix-rule", "all", "--final-unmixed-epochs", "0", "--device", "cpu", "--epochs", "1,2", "--seeds", "2",
             "--out", str(out), "--resume", "--stop-after", "0.001"]
     # a bench cut off by a time limit: drop two runs, as if they had never finished
     cut = dict(results, runs=[r for r in results["runs"] if r["key"] not in ("baseline-e2-s1", "mixtrain-e2-s1")])
@@ -228,3 +228,17 @@ def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
             assert r["train_seconds"] == by[r["key"]]["train_seconds"]  # kept, not rerun
     assert "| baseline | 2 | 2 |" in (out / "report.md").read_text()
     assert "missing" not in (out / "report.md").read_text()
+
+
+def test_warm_up_runs_the_mixed_step_at_the_default_options(tmp_path):
+    # the untimed warm-up must run a mixing epoch (its shapes, its kernels) whatever the defaults
+    # leave unmixed at the end of a short schedule
+    data = _tiny_npz(tmp_path / "data")
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "mixtrain", "bench", "--data", f"npz:{data}", "--model", "digitnet",
+                        "--batch-size", "32", "--device", "cpu", "--epochs", "1", "--methods", "mixtrain",
+                        "--seeds", "1", "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    warm = json.loads((out / "warmup" / "mixtrain" / "metrics.json").read_text())
+    assert warm["epochs_log"][-1]["mixed_fraction"] > 0

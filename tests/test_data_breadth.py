@@ -51,7 +51,7 @@ def make_folder(root, classes=3, per_class=10, val_per_class=4, size=32, constan
 
 
 def all_mixed_plan(n, grid, slots4=False, seed=0):
-    opts = MixOptions(rule="all", warmup_epochs=0, quad_confidence=0.9 if slots4 else 0.0)
+    opts = MixOptions(rule="all", warmup_epochs=0, final_unmixed_epochs=0, quad_confidence=0.9 if slots4 else 0.0)
     return MixTrain(n, grid, 5, "cpu", opts).plan_epoch(0, np.random.default_rng(seed))
 
 
@@ -127,6 +127,7 @@ def small_cfg(tmp_path, data, **kw):
     base.update(kw)
     cfg = TrainConfig(**base)
     cfg.mix.rule = "all"  # mix every sample from epoch 2, whatever its loss
+    cfg.mix.final_unmixed_epochs = 0
     cfg.mix.quad_confidence = 0.0  # in pairs
     return cfg
 
@@ -158,7 +159,7 @@ def test_folder_trains_with_workers_through_the_cli(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "mixtrain", "train", "--data", f"folder:{root}", "--image-size", "32",
-        "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all", "--quad-confidence", "0", "--epochs", "2", "--batch-size", "8",
+        "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all", "--final-unmixed-epochs", "0", "--quad-confidence", "0", "--epochs", "2", "--batch-size", "8",
         "--workers", "2", "--device", "cpu", "--lr", "0.05", "--progress", "none", "--out", str(out),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -172,7 +172,7 @@ def test_torchrun_two_processes_train_mixtrain_on_digits(tmp_path):
     epochs, batch = 2, 64
     r = torchrun(["-m", "mixtrain", "train", "--data", "digits", "--method", "mixtrain", "--epochs", str(epochs),
                   "--batch-size", str(batch), "--lr", "0.05", "--device", "cpu", "--out", str(out),
-                  "--warmup-epochs", "1", "--mix-rule", "fraction", "--mix-fraction", "0.5", "--progress", "line"],
+                  "--warmup-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "fraction", "--mix-fraction", "0.5", "--progress", "line"],
                  tmp_path, record_dir=rec)
     data = load_digits()
     n = data.num_train
@@ -233,7 +233,7 @@ OWN_LOOP = textwrap.dedent(
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epochs, batch_size, seed = 2, 96, 0
-    strategy = MixTrain(data.num_train, model.grid, epochs, device, MixOptions(warmup_epochs=1, rule="all"))
+    strategy = MixTrain(data.num_train, model.grid, epochs, device, MixOptions(warmup_epochs=1, final_unmixed_epochs=0, rule="all"))
     normalize, augment = Normalizer(data.mean, data.std, device), Augment(pad=2, flip=False)
     for epoch in range(epochs):
         plan = strategy.plan_epoch(epoch, np.random.default_rng([seed, epoch]))

@@ -298,7 +298,7 @@ def test_cuda_device_without_gpu(tmp_path, capsys, monkeypatch):
 def test_batch_smaller_than_slots_is_valid(npz, tmp_path, capsys):
     """The batch counts items (passes); each item carries up to K samples, so batch 1 with K = 2 is
     fine: a step is then one composite image carrying two samples."""
-    code = main(["train", "--data", f"npz:{npz}", "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all",
+    code = main(["train", "--data", f"npz:{npz}", "--model", "digitnet", "--method", "mixtrain", "--mix-rule", "all", "--final-unmixed-epochs", "0",
                  "--epochs", "2", "--batch-size", "1", "--device", "cpu", "--progress", "none",
                  "--out", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr().err

@@ -72,8 +72,10 @@ def test_short_run_learns_and_writes_the_contract(runs, method):
         assert saved["passes"] == saved["samples"]
         assert all(r["mixed_fraction"] == 0 and r["passes"] == r["samples"] for r in log)
     else:
-        assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == 1437  # warm-up epoch
-        assert all(r["mixed_fraction"] > 0 and r["passes"] < r["samples"] for r in log[1:])
+        # the defaults: one warm-up epoch, then mixing, and the last epoch unmixed (one per 15, at least one)
+        assert log[0]["mixed_fraction"] == 0 and log[0]["passes"] == 1437
+        assert log[1]["mixed_fraction"] > 0 and log[1]["passes"] < log[1]["samples"]
+        assert log[2]["mixed_fraction"] == 0 and log[2]["passes"] == 1437
         assert saved["passes"] < saved["samples"]
         # each mixed pair saves one pass, each quad three: between 1/2 and 3/4 of the mixed samples
         for r in log:
@@ -93,6 +95,7 @@ def test_train_is_reproducible_for_a_seed(tmp_path):
         cfg = TrainConfig(data="digits", method="mixtrain", epochs=2, batch_size=32, lr=0.05, seed=seed, device="cpu",
                           out=str(tmp_path / str(seed)), progress="none", save_checkpoints=False)
         cfg.mix.rule = "all"  # mix in epoch 2 whatever the losses
+        cfg.mix.final_unmixed_epochs = 0
         return train(cfg, data=_digits_subset())
 
     a, b, c = run(0), run(0), run(1)
@@ -208,6 +211,7 @@ def test_folder_data_trains_through_the_stream(tmp_path):
     cfg = TrainConfig(data=f"folder:{tmp_path / 'img'}", model="digitnet", image_size=16, workers=0, batch_size=4,
                       epochs=2, method="mixtrain", out=str(tmp_path / "out"), progress="none", save_checkpoints=False)
     cfg.mix.rule = "all"
+    cfg.mix.final_unmixed_epochs = 0
     m = train(cfg)
     assert m["grid"] == [4, 4]
     assert [r["passes"] for r in m["epochs_log"]] == [18, 9] and m["samples"] == 36
@@ -224,7 +228,7 @@ def test_clip_grad_bounds_every_step(tmp_path):
     def moved(clip):
         cfg = TrainConfig(data="digits", method="mixtrain", epochs=2, batch_size=64, lr=0.5, momentum=0.0, nesterov=False,
                           weight_decay=0.0, clip_grad=clip, seed=0, device="cpu", out=str(tmp_path / f"c{clip}"),
-                          progress="none", save_checkpoints=False)
+                          progress="none", save_checkpoints=False, mix=MixOptions(final_unmixed_epochs=0))
         t = Trainer(cfg)
         before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
         t.fit()

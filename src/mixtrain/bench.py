@@ -599,6 +599,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
             cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
                           eval_every=0, csv=False, tensorboard=False)
             cfg.mix.rule = "all"
+            cfg.mix.final_unmixed_epochs = 0  # its last epoch mixes
             t0 = time.perf_counter()
             Trainer(cfg, data=warm_data).fit()
             session["warmup_seconds"][method] = time.perf_counter() - t0
