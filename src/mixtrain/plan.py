@@ -26,7 +26,7 @@ from .errors import MixtrainError
 class EpochPlan:
     index: np.ndarray  # [I, K] int64 sample ids (any valid id where the slot is empty)
     valid: np.ndarray  # [I, K] bool: the slot carries a sample that is trained on
-    box: np.ndarray  # [I, K, 4] int64 (top, left, bottom, right) in feature-grid cells; 0-area = empty
+    box: np.ndarray  # [I, K, 4] int16 (top, left, bottom, right) in feature-grid cells; 0-area = empty
     resize: np.ndarray  # [I, K] bool: downscale the whole constituent into its box (else crop to it)
     share: np.ndarray  # [I, K] float32 share of the composite (area fraction or blend weight)
 
@@ -94,7 +94,7 @@ def empty_items(n: int, k: int) -> EpochPlan:
     return EpochPlan(
         index=np.zeros((n, k), np.int64),
         valid=np.zeros((n, k), bool),
-        box=np.zeros((n, k, 4), np.int64),
+        box=np.zeros((n, k, 4), np.int16),  # grid cells: small numbers, and an epoch's plan is copied several times
         resize=np.zeros((n, k), bool),
         share=np.zeros((n, k), np.float32),
     )
