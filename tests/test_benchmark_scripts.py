@@ -132,3 +132,18 @@ def test_epoch_cost_fit_recovers_step_and_epoch_costs(tmp_path):
     assert row["unmixed_ms_per_step"] == pytest.approx((8 * 10.4 + 3.0) / 8)  # the final epochs: 8 steps each
     assert "| mixtrain | 4 | 6 | 10.00 | 10.40 | 3.0 | +4.0% |" in out.read_text()
     assert fit.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_step_profile_smoke(tmp_path):
+    # on the CPU the profile sums each operator's own CPU time; the structure is the GPU run's
+    bench = load_script("step_profile")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "step_profile.json").read_text())
+    assert result["samples_per_pass"] == {"baseline": 1.0, "pairs": 2.0, "quads": 4.0, "k4-unmixed": 1.0}
+    ops = result["ops_us"]
+    assert all(sum(o.values()) > 0 for o in ops.values())
+    # one-slot batches resample in 2-D; several slots render in one 3-D resampling of a K-deep volume
+    assert "aten::grid_sampler_2d" in ops["baseline"] and "aten::grid_sampler_3d" not in ops["baseline"]
+    assert "aten::grid_sampler_3d" in ops["quads"] and "aten::grid_sampler_2d" not in ops["quads"]
+    table = (tmp_path / "step_profile.md").read_text()
+    assert "**quads** minus baseline" in table and "| `aten::" in table
