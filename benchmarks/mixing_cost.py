@@ -94,6 +94,27 @@ def synthetic(n: int, size: int, classes: int = 10, seed: int = 0):
     return TensorData("synthetic", x, y, xt, yt, classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
+def synthetic_for(args):
+    """The synthetic data of a run: CIFAR-10 shaped, or for ``--smoke`` 16 px single-channel (the
+    digitnet's input), so the CPU check is quick."""
+    data = synthetic(args.num_train, 16 if args.smoke else 32)
+    if args.smoke:
+        data.train_x = data.train_x[:, :1].contiguous()
+        data.test_x = data.test_x[:, :1].contiguous()
+        data.mean, data.std = (0.5,), (0.25,)
+    return data
+
+
+def first_batch(tr, batch_size: int):
+    """The first batch of the trainer's strategy's epoch-0 plan (fixed seeds), on its device."""
+    from mixtrain.batches import EpochBatches
+
+    plan = tr.strategy.plan_epoch(0, np.random.default_rng(0))
+    eb = EpochBatches(plan, batch_size, tr.grid, tr.device, torch.Generator().manual_seed(0),
+                      image_size=tr.image_hw, augment=tr.augment, blend=tr.strategy.blend)
+    return eb.batch(0)
+
+
 def epoch_times(data, variant, compile_, args, out, graph="auto"):
     tr = make_trainer(data, variant, compile_, args, os.path.join(out, f"{variant}-{'compiled' if compile_ else 'eager'}"), graph)
     m = tr.fit()
@@ -126,16 +147,11 @@ def epoch_setup_ms(data, variant, args) -> float:
 def step_times(data, args, compile_, variants):
     """Median time of one training step (fixed batch) per variant, eager and (on CUDA, without
     compile) replayed as a CUDA graph, and of the augment+compose op alone."""
-    from mixtrain.batches import EpochBatches
-
     res = {}
     for variant in variants:
         tr = make_trainer(data, variant, compile_, args, "/tmp/mixing_cost_step", epochs=2)
         dev = tr.device
-        plan = tr.strategy.plan_epoch(0, np.random.default_rng(0))
-        eb = EpochBatches(plan, args.batch_size, tr.grid, dev, torch.Generator().manual_seed(0),
-                          image_size=tr.image_hw, augment=tr.augment, blend=tr.strategy.blend)
-        batch = eb.batch(0)
+        batch = first_batch(tr, args.batch_size)
         labels = data.train_y
         source = (data.train_x, None)
 
@@ -187,11 +203,7 @@ def main(argv=None):
     from mixtrain.data import load_data
     from mixtrain.trainer import versions
 
-    data = synthetic(args.num_train, 16 if args.smoke else 32) if args.data == "synthetic" else load_data(args.data)
-    if args.smoke:
-        data.train_x = data.train_x[:, :1].contiguous()
-        data.test_x = data.test_x[:, :1].contiguous()
-        data.mean, data.std = (0.5,), (0.25,)
+    data = synthetic_for(args) if args.data == "synthetic" else load_data(args.data)
     os.makedirs(args.out, exist_ok=True)
     compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = {"versions": versions(), "args": vars(args), "command": " ".join(["python3", "benchmarks/mixing_cost.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -25,21 +25,11 @@ import os
 import sys
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import median_ms  # noqa: E402
-from mixing_cost import VARIANTS, make_trainer, synthetic, variant_config  # noqa: E402
-
-
-def one_batch(tr, args):
-    from mixtrain.batches import EpochBatches
-
-    plan = tr.strategy.plan_epoch(0, np.random.default_rng(0))
-    eb = EpochBatches(plan, args.batch_size, tr.grid, tr.device, torch.Generator().manual_seed(0),
-                      image_size=tr.image_hw, augment=tr.augment, blend=tr.strategy.blend)
-    return eb.batch(0)
+from mixing_cost import VARIANTS, first_batch, make_trainer, synthetic_for, variant_config  # noqa: E402
 
 
 def kernel_time_per_op(tr, batch, data, steps: int, warmup: int) -> dict[str, float]:
@@ -96,18 +86,14 @@ def main(argv=None):
         names.insert(0, "baseline")
     from mixtrain.trainer import versions
 
-    data = synthetic(args.num_train, 16 if args.smoke else 32)
-    if args.smoke:
-        data.train_x = data.train_x[:, :1].contiguous()
-        data.test_x = data.test_x[:, :1].contiguous()
-        data.mean, data.std = (0.5,), (0.25,)
+    data = synthetic_for(args)
     os.makedirs(args.out, exist_ok=True)
     res = {"versions": versions(), "args": vars(args),
            "command": " ".join(["python3", "benchmarks/step_profile.py", *(argv if argv is not None else sys.argv[1:])]),
            "ops_us": {}, "graph_step_ms": {}, "samples_per_pass": {}}
     for v in names:
         tr = make_trainer(data, v, False, args, os.path.join("/tmp/step_profile", v), epochs=2)
-        batch = one_batch(tr, args)
+        batch = first_batch(tr, args.batch_size)
         res["samples_per_pass"][v] = batch.samples / args.batch_size
         res["ops_us"][v] = kernel_time_per_op(tr, batch, data, args.steps, args.warmup)
         if tr.device.type == "cuda":

@@ -223,7 +223,7 @@ def _composite_exclusive(images: torch.Tensor, src: torch.Tensor, geo: Geometry,
     padding a normalised image does) and scaled once, on the composite.
     """
     b, k = src.shape
-    _, c, h, w = images.shape
+    h, w = images.shape[2:]
     stride = geo.lines.shape[-1]  # W + H + 1
     # where each pixel's (x, y, depth) lie in the item's flattened lines: its owner's entry (the
     # slot 1 + k whose region holds it, 0 where none does, the last where regions overlap) ...
