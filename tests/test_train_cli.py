@@ -182,7 +182,7 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
         "train", "--data", "npz:/x", "--model", "resnet18", "--method", "mixtrain", "--epochs", "7",
         "--batch-size", "16", "--seed", "3", "--device", "cpu", "--out", "o", "--lr", "0.3", "--warmup", "0.1",
         "--optimizer", "adamw", "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1", "--clip-grad", "3",
-        "--precision", "fp32", "--channels-last", "off", "--compile", "--cuda-graph", "off", "--image-size", "64", "--pad", "2",
+        "--precision", "fp32", "--channels-last", "off", "--compile", "--cuda-graph", "off", "--image-size", "64", "--cache-size", "72", "--cache-dir", "/c", "--placement", "host", "--pad", "2",
         "--flip", "on", "--workers", "3", "--eval-every", "2", "--eval-batch-size", "99", "--checkpoint-every", "5",
         "--resume", "--deterministic", "--progress", "line", "--csv", "--tensorboard", "--save-checkpoints", "off",
         "--warmup-epochs", "2", "--final-unmixed-epochs", "1", "--mix-rule", "fraction", "--confidence", "0.6",
@@ -199,7 +199,7 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
         assert getattr(cfg.mix, f.name) != getattr(default.mix, f.name), f"{f.name} did not reach the config"
 
 
-def test_folder_data_trains_through_the_stream(tmp_path):
+def test_folder_data_trains_through_its_cache(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def test_folder_data_trains_through_the_stream(tmp_path):
             os.makedirs(tmp_path / "img" / split / c)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(tmp_path / "img" / split / c / f"{i}.png")
-    cfg = TrainConfig(data=f"folder:{tmp_path / 'img'}", model="digitnet", image_size=16, workers=0, batch_size=4,
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'img'}", model="digitnet", image_size=16, workers=1, batch_size=4,
                       epochs=2, method="mixtrain", out=str(tmp_path / "out"), progress="none", save_checkpoints=False)
     cfg.mix.rule = "all"
     cfg.mix.final_unmixed_epochs = 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compose import Augment, Geometry, Normalizer, compose_from, geometry
+from .compose import Augment, Geometry, Normalizer, compose_from, geometry, rand_width
 from .plan import EpochPlan
 
 
@@ -60,6 +60,7 @@ class EpochBatches:
         image_size: tuple[int, int] = (32, 32),
         augment: Augment = Augment(),
         blend: bool = False,
+        src_size: tuple[int, int] | None = None,
     ):
         pad_rng = pad_rng or np.random.default_rng(0)
         full = plan.padded(batch_size * world, pad_rng, grid)
@@ -80,8 +81,10 @@ class EpochBatches:
         self.single = k == 1 and not blend
         t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in self.plan.to_torch(device).items()}
         self.index, self.valid, self.share = t["index"], t["valid"], t["share"]
-        rand = torch.rand((self.num_batches, batch_size, k, 5), generator=generator).to(device, non_blocking=True)
-        self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend)
+        rand = torch.rand((self.num_batches, batch_size, k, rand_width(augment)), generator=generator)
+        rand = rand.to(device, non_blocking=True)
+        self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend,
+                            tuple(src_size) if src_size else None)
 
     def __len__(self):
         return self.num_batches

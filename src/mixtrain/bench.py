@@ -478,20 +478,8 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def warmup_subset(data, n_train: int, n_test: int):
-    """A small slice of ``data`` with the same image shape (for the untimed warm-up run)."""
-    if hasattr(data, "train_x"):  # TensorData: keep the parent's normalisation statistics
-        return dataclasses.replace(data, train_x=data.train_x[:n_train], train_y=data.train_y[:n_train],
-                                   test_x=data.test_x[:n_test], test_y=data.test_y[:n_test],
-                                   mean=data.mean, std=data.std)
-    if hasattr(data, "train_set"):  # FolderData: the same loaders over the first files
-        from torch.utils.data import Subset
-
-        sub = copy.copy(data)
-        sub.train_set = Subset(data.train_set, range(n_train))
-        sub.test_set = Subset(data.test_set, range(min(n_test, len(data.test_set))))
-        sub.train_y = data.train_y[:n_train]
-        return sub
-    return data
+    """A small slice of ``data`` with the same image shape and statistics (for the untimed warm-up run)."""
+    return data.subset(n_train, n_test)
 
 
 def _git_commit() -> str | None:
@@ -621,7 +609,8 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         if i == 0:  # data and warm-up only once a run will start
             if data is None:
                 log(f"loading {base.data} ...")
-                data = load_data(base.data, base.image_size or None, base.workers)
+                data = load_data(base.data, base.image_size or None, base.workers, base.cache_size, base.cache_dir,
+                                 base.placement)
             warm_up(data)
         cfg = run_cfg(method, n_epochs, seed, os.path.join(out, "runs", _safe(key)))
         graphs = _dynamo_graphs()

@@ -1,4 +1,4 @@
-"""Command line: ``mixtrain train | demo | bench | report``. Parses options, calls the library."""
+"""Command line: ``mixtrain train | demo | prepare | bench | report``. Parses options, calls the library."""
 
 from __future__ import annotations
 
@@ -61,9 +61,12 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     o.add_argument("--cuda-graph", default=d.cuda_graph, help="capture the whole training step as a CUDA graph: auto (on for one CUDA process with resident data and no --compile), on, off")
     a = p.add_argument_group("data handling")
     a.add_argument("--image-size", type=int, default=d.image_size, help="folder data: training resolution (0: 224)")
-    a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: image size / 8; 0 for folders)")
-    a.add_argument("--flip", default=d.flip, help="random horizontal flip: auto (off for digits), on, off")
-    a.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers for folder data")
+    a.add_argument("--cache-size", type=int, default=d.cache_size, help="folder data: image size of the decoded cache (shorter side resized, centre crop; 0: the training resolution)")
+    a.add_argument("--cache-dir", default=d.cache_dir, help="folder data: where decoded caches live (empty: $MIXTRAIN_CACHE, else ~/.cache/mixtrain/folders)")
+    a.add_argument("--placement", default=d.placement, help="folder data: auto (the cache on the GPU when it fits, else streamed), device, host (streamed from host memory)")
+    a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: the data's default: image size / 8; 0 for folders)")
+    a.add_argument("--flip", default=d.flip, help="random horizontal flip: auto (the data's default: off for digits), on, off")
+    a.add_argument("--workers", type=int, default=d.workers, help="folder data: processes that decode the images when the cache is built (0: all CPU cores)")
     x = p.add_argument_group("mixing (mixtrain, cutmix, mixup)")
     x.add_argument("--warmup-epochs", type=int, default=m.warmup_epochs, help="first epochs trained unmixed (the loss memory fills)")
     x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed (-1: one per 15 epochs of the schedule, at least one: 1 of 10, 2 of 30)")
@@ -156,6 +159,29 @@ def cmd_demo(args):
         print(f"{m['method']:<10} {m['passes']:>8,} {m['samples']:>8,} {fewer:>12.0%} {m['train_seconds']:>9.1f} {m['test_accuracy']:>9.4f}")
 
 
+def cmd_prepare(args):
+    from .folder_cache import build, cache_path, open_cache, status
+
+    kind, _, root = args.data.partition(":")
+    if kind != "folder" or not root:
+        raise MixtrainError(f"prepare takes folder:DIR, got {args.data!r}")
+    root = os.path.expanduser(root)
+    if args.size < 8:
+        raise MixtrainError(f"--size must be at least 8 pixels, got {args.size}")
+    state, why, listings, classes = status(root, args.size, args.cache_dir)
+    if state == "valid" and not args.force:
+        cache = open_cache(root, args.size, args.cache_dir)
+        print(f"up to date: {cache.path}")
+    else:
+        if state == "stale":
+            print(f"rebuilding {cache_path(root, args.size, args.cache_dir)}: {why}", file=sys.stderr)
+        cache = build(root, args.size, args.cache_dir, args.workers, listings, classes)
+    m = cache.manifest
+    print(f"{m['counts']['train']:,} train + {m['counts']['val']:,} val images, {len(m['classes'])} classes, "
+          f"{args.size} px ({m['policy']}), {cache.nbytes() / 1e9:.2f} GB on disk, built in {m['build_seconds']:.1f} s; "
+          f"{len(m['skipped'])} skipped, {len(m['ignored'])} ignored -> {cache.path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
@@ -184,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(d)
     d.set_defaults(func=cmd_demo)
 
+    pr = sub.add_parser("prepare", help="decode an image folder once into its cache (train and bench do it on first use)",
+                        formatter_class=fmt,
+                        description="Decode every image of folder:DIR once, with all CPU cores, into a memory-mapped uint8 "
+                                    "cache at SIZE px (shorter side resized, centre crop). Later runs reuse it; a changed "
+                                    "folder is detected and the cache rebuilt.")
+    pr.add_argument("data", metavar="folder:DIR", help="the ImageNet-style folder (DIR/train/<class>/*, DIR/val/<class>/*)")
+    pr.add_argument("--size", type=int, default=224, help="cached image size in pixels (train with --cache-size SIZE, or --image-size SIZE)")
+    pr.add_argument("--cache-dir", default="", help="where caches live (empty: $MIXTRAIN_CACHE, else ~/.cache/mixtrain/folders)")
+    pr.add_argument("--workers", type=int, default=0, help="decoding processes (0: all CPU cores)")
+    pr.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    add_debug_option(pr)
+    pr.set_defaults(func=cmd_prepare)
+
+    from .show import add_show_command
+
+    add_show_command(sub, fmt)
+
     try:
         from .bench import add_bench_commands
 
@@ -193,7 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plain_warnings():
+    """Warnings about the user's files (skipped images) as one ``warning:`` line each."""
+    import warnings
+
+    from .folder_cache import CacheWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
+    _plain_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, recorded by bench

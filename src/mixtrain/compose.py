@@ -7,12 +7,13 @@ resizing distortion) or the whole image downscaled into the region. Translations
 land on pixel centres, so bilinear sampling copies pixels exactly there. Regions do not overlap,
 so one resampling renders every slot of a composite at once (see :func:`compose_from`).
 
-All random numbers come in ``rand [B, K, 5]`` (uniform in [0, 1)), drawn once per epoch by the
+All random numbers come in ``rand [B, K, R]`` (uniform in [0, 1); R = :func:`rand_width`), drawn once per epoch by the
 trainer: the step itself draws nothing, has fixed shapes and never waits for the host.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,65 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Augment:
-    """Per-constituent augmentation: random crop with ``pad`` pixels of zero padding, random flip."""
+    """Per-constituent augmentation: random crop with ``pad`` pixels of zero padding, random flip,
+    and (with ``scale``) an ImageNet-style random-resized crop.
+
+    ``scale``: the random-resized crop's range of area fractions of the source image (``None``:
+    off); ``ratio``: its range of aspect ratios (width / height). As in torchvision's
+    ``RandomResizedCrop``: up to ten draws of (area, log-uniform aspect) until the window fits the
+    image, else the whole image clipped to the ratio range; integer window, uniform position. The
+    window then plays the role of the whole image for the region placement, so singles and
+    composites take the same path and a constituent costs no extra pass over its pixels.
+    """
 
     pad: int = 4
     flip: bool = True
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+RRC_TRIES = 10  # draws of (area, aspect) before the fallback, as torchvision's RandomResizedCrop
+RAND_BASE = 5  # uniform draws per slot without the random-resized crop (offset y/x, shift y/x, flip)
+
+
+def rand_width(augment: Augment) -> int:
+    """Uniform draws per slot that :func:`geometry` reads for ``augment``."""
+    return RAND_BASE + (2 * RRC_TRIES + 2 if augment.scale is not None else 0)
+
+
+def rrc_windows(rand: torch.Tensor, src_size: tuple[int, int], scale, ratio) -> torch.Tensor:
+    """Random-resized crop windows ``[..., 4]`` (top, left, height, width in source pixels).
+
+    ``rand [..., 2 * RRC_TRIES + 2]``: per try an area and an aspect draw, then the top and left
+    draws. The first try whose window fits wins (torchvision's loop, vectorised); if none does,
+    the whole image, clipped to the ratio range, centred.
+    """
+    hs, ws = src_size
+    area = float(hs * ws)
+    tries = rand[..., : 2 * RRC_TRIES].unflatten(-1, (RRC_TRIES, 2))
+    target = area * (scale[0] + tries[..., 0] * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + tries[..., 1] * (log_hi - log_lo))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= ws) & (h > 0) & (h <= hs)
+    first = torch.argmax(fits.to(torch.uint8), -1, keepdim=True)  # first True (0 when none)
+    any_fit = fits.any(-1)
+    w = torch.gather(w, -1, first).squeeze(-1)
+    h = torch.gather(h, -1, first).squeeze(-1)
+    in_ratio = ws / hs
+    if in_ratio < min(ratio):
+        fw, fh = float(ws), float(round(ws / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = float(round(hs * max(ratio))), float(hs)
+    else:
+        fw, fh = float(ws), float(hs)
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    u_top, u_left = rand[..., 2 * RRC_TRIES], rand[..., 2 * RRC_TRIES + 1]
+    top = torch.where(any_fit, torch.floor(u_top * (hs - h + 1)), torch.floor((hs - h) / 2))
+    left = torch.where(any_fit, torch.floor(u_left * (ws - w + 1)), torch.floor((ws - w) / 2))
+    return torch.stack([top, left, h, w], -1)
 
 
 class Normalizer:
@@ -55,7 +111,8 @@ def pixel_boxes(box: torch.Tensor, grid: tuple[int, int], size: tuple[int, int])
 
 
 def affine_params(
-    pbox: torch.Tensor, resize: torch.Tensor, rand: torch.Tensor, size: tuple[int, int], augment: Augment
+    pbox: torch.Tensor, resize: torch.Tensor, rand: torch.Tensor, size: tuple[int, int], augment: Augment,
+    src_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Sampling transforms ``theta [..., 2, 3]`` for ``F.affine_grid`` (align_corners=False).
 
@@ -64,11 +121,13 @@ def affine_params(
     offset ~ U{0..W-rw} for a crop, s = W/rw and offset = 0 for a downscale, and shift is the
     random-crop translation in [-pad, pad]. In normalised coordinates this is affine in u.
     """
+    if augment.scale is not None:
+        return _affine_params_rrc(pbox, resize, rand, size, augment, src_size or size)
     h, w = size
     y0, x0, y1, x1 = pbox.unbind(-1)
     rh = (y1 - y0).clamp_min(1.0)
     rw = (x1 - x0).clamp_min(1.0)
-    r_oy, r_ox, r_dy, r_dx, r_flip = rand.unbind(-1)
+    r_oy, r_ox, r_dy, r_dx, r_flip = rand[..., :RAND_BASE].unbind(-1)
     sy = torch.where(resize, h / rh, torch.ones_like(rh))
     sx = torch.where(resize, w / rw, torch.ones_like(rw))
     oy = torch.where(resize, torch.zeros_like(rh), torch.floor(r_oy * (h - rh + 1)))
@@ -83,6 +142,46 @@ def affine_params(
     row_x = torch.stack([f * sx, zero, tx], -1)
     row_y = torch.stack([zero, sy, ty], -1)
     return torch.stack([row_x, row_y], -2)
+
+
+def _affine_params_rrc(pbox, resize, rand, size, augment: Augment, src_size) -> torch.Tensor:
+    """:func:`affine_params` with a random-resized crop: the crop window is the "view" that the
+    region placement (crop at an offset, or downscale) reads, and the view maps linearly onto the
+    window of the source image (of ``src_size``, which may differ from the output ``size``).
+
+    Along x, for an output position p (pixel units, p = u + 1/2): the view position is
+    q = A p + B (crop: A = 1, B = ox - x0; downscale: A = W/rw, B = -x0 W/rw; a flip negates and
+    adds W), plus the shift d; the source pixel is left + (q + d) * width/W, normalised by the
+    source width. The same along y without the flip. Linear in p, so still one line per axis.
+    """
+    h, w = size
+    hs, ws = src_size
+    y0, x0, y1, x1 = pbox.unbind(-1)
+    rh = (y1 - y0).clamp_min(1.0)
+    rw = (x1 - x0).clamp_min(1.0)
+    r_oy, r_ox, r_dy, r_dx, r_flip = rand[..., :RAND_BASE].unbind(-1)
+    top, left, wh, ww = rrc_windows(rand[..., RAND_BASE:], src_size, augment.scale, augment.ratio).unbind(-1)
+    # view position q = a p + b, before the flip
+    ax = torch.where(resize, w / rw, torch.ones_like(rw))
+    ay = torch.where(resize, h / rh, torch.ones_like(rh))
+    ox = torch.where(resize, torch.zeros_like(rw), torch.floor(r_ox * (w - rw + 1)))
+    oy = torch.where(resize, torch.zeros_like(rh), torch.floor(r_oy * (h - rh + 1)))
+    bx = ox - ax * x0
+    by = oy - ay * y0
+    f = torch.where(r_flip < 0.5, -1.0, 1.0) if augment.flip else torch.ones_like(rw)
+    bx = f * bx + w * (1 - f) / 2
+    ax = f * ax
+    span = 2 * augment.pad + 1
+    dy = torch.floor(r_dy * span) - augment.pad
+    dx = torch.floor(r_dx * span) - augment.pad
+    kx, ky = ww / w, wh / h  # source pixels per view pixel
+    # normalised source x = (2 / ws) * (left + kx * (ax * p + bx + dx)) - 1, with p = (x_out + 1) * w / 2
+    sx = kx * ax * w / ws
+    tx = sx + (2.0 / ws) * (left + kx * (bx + dx)) - 1.0
+    sy = ky * ay * h / hs
+    ty = sy + (2.0 / hs) * (top + ky * (by + dy)) - 1.0
+    zero = torch.zeros_like(tx)
+    return torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], -2)
 
 
 def axis_masks(pbox: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +281,15 @@ def geometry(
     size: tuple[int, int],
     augment: Augment = Augment(),
     blend: bool = False,
+    src_size: tuple[int, int] | None = None,
 ) -> Geometry:
-    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws."""
+    """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws.
+
+    ``size`` is the output (training) size; ``src_size`` the stored images' size (default: the
+    same). They may differ only with a random-resized crop or a downscale, which resample anyway.
+    """
     pbox = pixel_boxes(box, grid, size)
-    lines = sampling_lines(affine_params(pbox, resize, rand, size, augment), size)
+    lines = sampling_lines(affine_params(pbox, resize, rand, size, augment, src_size), size)
     row, col = axis_masks(pbox, size)
     if blend:
         row = row * share[..., None]
@@ -223,7 +327,7 @@ def _composite_exclusive(images: torch.Tensor, src: torch.Tensor, geo: Geometry,
     padding a normalised image does) and scaled once, on the composite.
     """
     b, k = src.shape
-    h, w = images.shape[2:]
+    h, w = geo.row.shape[-1], geo.col.shape[-1]  # the output size (the source may differ)
     stride = geo.lines.shape[-1]  # W + H + 1
     # where each pixel's (x, y, depth) lie in the item's flattened lines: its owner's entry (the
     # slot 1 + k whose region holds it, 0 where none does, the last where regions overlap) ...
@@ -247,7 +351,8 @@ def _composite_weighted(images: torch.Tensor, src: torch.Tensor, geo: Geometry, 
     """Every slot resampled over the whole image, weighted by its pixel weights and summed (MixUp's
     blends; the reference the exclusive path is tested against)."""
     b, k = src.shape
-    _, c, h, w = images.shape
+    c = images.shape[1]
+    h, w = geo.row.shape[-1], geo.col.shape[-1]
     x = images[src.reshape(-1)] - normalize.offset
     sampling = _sampling_grid(geo.xline[:, 1:].reshape(b * k, w), geo.yline[:, 1:].reshape(b * k, h))
     x = F.grid_sample(x, sampling, mode="bilinear", padding_mode="zeros", align_corners=False).view(b, k, c, h, w)
@@ -288,5 +393,5 @@ def compose(
     ``[B, C, H, W]`` in channels-last layout.
     """
     h, w = images.shape[2], images.shape[3]
-    geo = geometry(box, resize, share, rand, grid, (h, w), augment, blend)
+    geo = geometry(box, resize, share, rand, grid, (h, w), augment, blend)  # output size = source size
     return compose_from(images, src, geo, normalize, single=src.shape[1] == 1 and not blend)

@@ -1,11 +1,13 @@
 """Datasets behind ``--data SPEC``.
 
-Two kinds of source, one interface:
+One interface (:class:`DataSource`), two kinds of source:
 
 * :class:`TensorData` -- the whole split as one uint8 tensor ``[N, C, H, W]`` (digits, CIFAR, npz).
   It is moved to the training device once and augmented there, so no loader runs in the loop.
-* :class:`FolderData` -- an ImageNet-style folder streamed through a DataLoader with workers and
-  pinned memory; workers decode and random-resize-crop to a fixed size, the device does the rest.
+* :class:`FolderData` -- an ImageNet-style folder, decoded once into a uint8 cache
+  (:mod:`mixtrain.folder_cache`); resident on the GPU when it fits, otherwise streamed from
+  memory-mapped host memory ahead of the step (:mod:`mixtrain.stream`). Random-resized crop and
+  flip run on the GPU inside the resampling that renders composites.
 
 Every check that can fail on user input raises :class:`~mixtrain.errors.MixtrainError` naming the
 file and the problem, before any training starts.
@@ -13,6 +15,8 @@ file and the problem, before any training starts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compose import Augment
 from .errors import MixtrainError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,8 +37,71 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_INFERRED_CLASSES = 100_000
 
 
+class DataSource:
+    """What the trainer needs from a dataset; every source implements this.
+
+    Attributes: ``name``, ``num_classes``, ``channels``, ``mean``/``std`` (normalisation),
+    ``train_y`` (int64 labels, on the training device after :meth:`to`), ``image_size`` (the
+    training resolution), ``source_size`` (the stored images' size) and ``resident`` (after
+    :meth:`to`: the whole training split is one tensor on the device, ``train_x``, so a step can
+    gather from it and be captured as a CUDA graph). Each source also carries its own defaults
+    (:meth:`default_augment`), so nothing tests the ``--data`` string.
+    """
+
+    name: str
+    num_classes: int
+    channels: int
+    resident: bool = True
+
+    @property
+    def num_train(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def source_size(self) -> tuple[int, int]:
+        return self.image_size
+
+    def default_augment(self) -> Augment:
+        """The augmentation this kind of data trains with unless options say otherwise."""
+        h = self.image_size[0]
+        return Augment(pad=max(1, h // 8), flip=True)
+
+    def to(self, device) -> "DataSource":
+        raise NotImplementedError
+
+    def step_images(self, batches, device, start: int = 0):
+        """An object whose ``get(j)`` gives step ``j``'s images: ``(uint8 [M, C, H, W], src)`` with
+        ``src [B, K]`` indexing them (``None``: the images are indexed by sample id). Steps are
+        read in order from ``start``; ``close()`` ends it."""
+        return _Resident(self.train_x)
+
+    def test_batches(self, batch_size: int, device, rank: int = 0, world: int = 1):
+        """The test split in order as ``(images [b, C, H, W] at image_size, labels)`` on ``device``;
+        with ``world`` > 1, only every ``world``-th sample from ``rank``."""
+        raise NotImplementedError
+
+    def subset(self, n_train: int, n_test: int) -> "DataSource":
+        """The first samples of each split, with the same statistics (a benchmark's warm-up)."""
+        raise NotImplementedError
+
+
+class _Resident:
+    def __init__(self, images):
+        self.images = images
+
+    def get(self, j):
+        return self.images, None
+
+    def close(self):
+        pass
+
+
 @dataclass
-class TensorData:
+class TensorData(DataSource):
     """A labelled split pair held as uint8 image tensors (NCHW) and int64 labels."""
 
     name: str
@@ -44,8 +112,9 @@ class TensorData:
     num_classes: int
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    flip: bool = True  # the default horizontal flip (off for digits)
 
-    streaming = False
+    resident = True
 
     def __post_init__(self):
         if not self.mean:
@@ -68,6 +137,17 @@ class TensorData:
         for name in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
+
+    def default_augment(self) -> Augment:
+        return Augment(pad=max(1, self.image_size[0] // 8), flip=self.flip)
+
+    def test_batches(self, batch_size: int, device, rank: int = 0, world: int = 1):
+        tx, ty = self.test_x[rank::world], self.test_y[rank::world]
+        return zip(tx.split(batch_size), ty.split(batch_size))
+
+    def subset(self, n_train: int, n_test: int) -> "TensorData":
+        return dataclasses.replace(self, train_x=self.train_x[:n_train], train_y=self.train_y[:n_train],
+                                   test_x=self.test_x[:n_test], test_y=self.test_y[:n_test])
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -112,6 +192,7 @@ def load_digits(upscale: int = 2) -> TensorData:
         torch.from_numpy(np.ascontiguousarray(xte)),
         torch.from_numpy(yte),
         num_classes=10,
+        flip=False,  # digits are not mirror-symmetric
     )
 
 
@@ -260,74 +341,121 @@ def load_cifar(which: str, root: str | None) -> TensorData:
 
 
 # ----------------------------------------------------------------------------------------------
-# folder:DIR (ImageNet layout: train/<class>/*.jpg, val/<class>/*.jpg), streamed
+# folder:DIR (ImageNet layout: train/<class>/*.jpg, val/<class>/*.jpg), through its decoded cache
 
 
-class _CheckedLoader:
-    """PIL loader that names the file when an image cannot be decoded."""
-
-    def __call__(self, path: str):
-        from PIL import Image
-
-        try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                return img.convert("RGB")
-        except Exception as e:
-            raise MixtrainError(f"cannot read image {path}: {e}") from e
+# A cache goes on the GPU when it takes at most this fraction of the free device memory, minus
+# a reserve for the model's activations; otherwise it streams from host memory.
+RESIDENT_FRACTION = 0.8
+RESIDENT_RESERVE = 8 << 30
+FOLDER_CROP_SCALE = (0.35, 1.0)  # random-resized crop area range for folders (short schedules, small sets)
+EVAL_CROP = 0.875  # evaluation: the centre 87.5 % of the cached image, resized to the training size
 
 
-@dataclass
-class FolderData:
-    """An image folder streamed through a DataLoader at a fixed ``image_size``."""
+class FolderData(DataSource):
+    """An ImageNet-style folder, read through its decoded uint8 cache (:mod:`mixtrain.folder_cache`).
 
-    name: str
-    root: str
-    size: int
-    workers: int = 8
-    streaming = True
+    Training images are ``cache_size`` pixels square in the cache and rendered at ``size`` pixels
+    by the GPU resampling, with an ImageNet-style random-resized crop and flip. ``placement``:
+    ``device`` (the whole training split on the GPU), ``host`` (streamed from memory-mapped host
+    memory in the order of the plan) or ``auto`` (device when it fits with a margin).
+    Evaluation: the centre crop resized to ``size`` on the device.
+    """
 
-    def __post_init__(self):
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
+    def __init__(self, root: str, size: int = 224, cache_size: int = 0, cache_dir: str = "", workers: int = 0,
+                 placement: str = "auto", cache=None, log=None):
+        from .folder_cache import open_cache
 
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(self.root, split)):
-                raise MixtrainError(
-                    f"{self.root}: no '{split}/' folder (expected train/<class>/... and val/<class>/...)"
-                )
-        to_uint8 = T.PILToTensor()
-        train_tf = T.Compose([T.RandomResizedCrop(self.size, scale=(0.35, 1.0), antialias=True), to_uint8])
-        val_tf = T.Compose([T.Resize(int(round(self.size / 0.875)), antialias=True), T.CenterCrop(self.size), to_uint8])
-        try:
-            self.train_set = ImageFolder(os.path.join(self.root, "train"), train_tf, loader=_CheckedLoader())
-            self.test_set = ImageFolder(os.path.join(self.root, "val"), val_tf, loader=_CheckedLoader())
-        except (FileNotFoundError, OSError) as e:
-            raise MixtrainError(f"{self.root}: {e}") from e
-        if self.train_set.classes != self.test_set.classes:
-            raise MixtrainError(f"{self.root}: train/ and val/ have different class folders")
-        self.num_classes = len(self.train_set.classes)
+        if placement not in ("auto", "device", "host"):
+            raise MixtrainError(f"--placement must be auto, device or host, got {placement!r}")
+        self.name = f"folder:{root}"
+        self.root = root
+        self.size = int(size)
+        self.cache = cache or open_cache(root, cache_size or self.size, cache_dir, workers, log)
+        self.classes = self.cache.classes
+        self.num_classes = len(self.classes)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.train_y = torch.tensor(self.train_set.targets, dtype=torch.int64)
+        self.placement = placement
+        self.train_store = self.cache.images("train")  # memory-mapped, read-only
+        self.test_store = self.cache.images("val")
+        self.train_y = torch.from_numpy(self.cache.labels("train"))
+        self.test_y = torch.from_numpy(self.cache.labels("val"))
+        self.train_x = torch.from_numpy(self.train_store)  # host (memory-mapped) until to()
+        self.resident = False
+        self.device = torch.device("cpu")
+
+    channels = 3
 
     @property
     def num_train(self) -> int:
-        return len(self.train_set)
+        return int(self.train_y.shape[0])
 
     @property
     def image_size(self) -> tuple[int, int]:
         return self.size, self.size
 
-    channels = 3
+    @property
+    def source_size(self) -> tuple[int, int]:
+        return tuple(self.train_x.shape[2:])
+
+    def default_augment(self) -> Augment:
+        return Augment(pad=0, flip=True, scale=FOLDER_CROP_SCALE)
+
+    def placement_for(self, device: torch.device) -> str:
+        """Where the training split will live on ``device``: "device" or "host"."""
+        if device.type != "cuda":
+            return "host" if self.placement == "host" else "device"  # on the CPU, "device" is the memory map
+        if self.placement != "auto":
+            return self.placement
+        free, _ = torch.cuda.mem_get_info(device)
+        return "device" if self.train_x.nbytes <= RESIDENT_FRACTION * free - RESIDENT_RESERVE else "host"
 
     def to(self, device) -> "FolderData":
+        device = torch.device(device)
+        self.device = device
         self.train_y = self.train_y.to(device)
+        self.test_y = self.test_y.to(device)
+        where = self.placement_for(device)
+        self.resident = where == "device"
+        if self.resident and device.type == "cuda" and not self.train_x.is_cuda:
+            try:
+                self.train_x = self.train_x.to(device)
+            except torch.OutOfMemoryError as e:
+                raise MixtrainError(
+                    f"the folder cache ({self.train_x.nbytes / 1e9:.1f} GB) does not fit on {device}; "
+                    "use --placement host (stream it from host memory) or a smaller --cache-size"
+                ) from e
         return self
 
-    def test_loader(self, batch_size: int, pin: bool, rank: int = 0, world: int = 1):
-        """The validation split in order; with ``world`` > 1, only every ``world``-th image from ``rank``."""
-        subset = self.test_set if world == 1 else torch.utils.data.Subset(self.test_set, range(rank, len(self.test_set), world))
-        return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=self.workers, pin_memory=pin)
+    def step_images(self, batches, device, start: int = 0):
+        if self.resident:
+            return super().step_images(batches, device, start)
+        from .stream import HostStream
+
+        stream = HostStream(self.train_x, batches, device, start)
+        return stream
+
+    def test_batches(self, batch_size: int, device, rank: int = 0, world: int = 1):
+        import torch.nn.functional as F
+
+        device = torch.device(device)
+        ids = np.arange(rank, len(self.test_store), world)
+        s = self.test_store.shape[2]
+        c = max(1, round(s * EVAL_CROP))
+        o = (s - c) // 2
+        for i in range(0, len(ids), batch_size):
+            part = ids[i : i + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(self.test_store[part[0] : part[-1] + 1 : world]))
+            x = x.to(device)[:, :, o : o + c, o : o + c].float()
+            if c != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            yield x, self.test_y[torch.from_numpy(part).to(device)]
+
+    def subset(self, n_train: int, n_test: int) -> "FolderData":
+        sub = copy.copy(self)
+        sub.train_x, sub.train_y = self.train_x[:n_train], self.train_y[:n_train]
+        sub.test_store, sub.test_y = self.test_store[:n_test], self.test_y[:n_test]
+        return sub
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,12 +465,18 @@ DATA_HELP = (
     "digits (scikit-learn's bundled 8x8 digits, upsampled to 16x16; the default), "
     "cifar10[:DIR], cifar100[:DIR] (torchvision; downloads when online, or reads DIR), "
     "npz:DIR (train_*.npz + test.npz with x uint8 [N,H,W,C] and y [N]), "
-    "folder:DIR (ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*)"
+    "folder:DIR (ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*; decoded once into a cache, see --cache-dir)"
 )
 
 
-def load_data(spec: str, image_size: int | None = None, workers: int = 8):
-    """Parse ``--data SPEC`` and load it. See :data:`DATA_HELP` for the forms."""
+def load_data(spec: str, image_size: int | None = None, workers: int = 0, cache_size: int = 0, cache_dir: str = "",
+              placement: str = "auto"):
+    """Parse ``--data SPEC`` and load it. See :data:`DATA_HELP` for the forms.
+
+    Folder options: ``image_size`` (training resolution, default 224), ``cache_size`` (the cache's
+    image size, default ``image_size``), ``cache_dir``, ``workers`` (decoding processes when the
+    cache is built; 0: all cores) and ``placement`` (see :class:`FolderData`).
+    """
     kind, _, arg = spec.partition(":")
     arg = os.path.expanduser(arg) if arg else None
     if kind == "digits":
@@ -357,5 +491,5 @@ def load_data(spec: str, image_size: int | None = None, workers: int = 8):
         if not arg:
             raise MixtrainError("folder needs a directory: --data folder:DIR")
         _check_dir(arg)
-        return FolderData(f"folder:{arg}", arg, image_size or 224, workers)
+        return FolderData(arg, image_size or 224, cache_size, cache_dir, workers, placement)
     raise MixtrainError(f"unknown data spec {spec!r}; use one of: {DATA_HELP}")

@@ -20,6 +20,7 @@ import torch
 
 from .batches import Batch
 from .compose import Geometry
+from .errors import out_of_memory
 
 
 class GraphedStep:
@@ -31,8 +32,12 @@ class GraphedStep:
     rates become device tensors, read by the fused SGD kernel at replay.
     """
 
-    def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, memory=None, warmup: int = 3):
+    def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, memory=None,
+                 extra: tuple[torch.Tensor, ...] = (), warmup: int = 3):
         self.eager_step = eager_step
+        # static inputs besides the batch (streamed images and their slot positions): each step's
+        # values are copied into their leading rows before the replay; eager_step(batch, *extra)
+        self.extra = extra
         self.optimizer = optimizer
         self.model = model
         self.memory = memory
@@ -61,6 +66,10 @@ class GraphedStep:
         for dst, src in zip(s.geo.tensors(), b.geo.tensors()):
             dst.copy_(src, non_blocking=True)
         s.samples = b.samples
+
+    def _load_extra(self, values: tuple[torch.Tensor, ...]):
+        for dst, src in zip(self.extra, values):
+            dst[: src.shape[0]].copy_(src, non_blocking=True)
 
     def _set_lr(self, lr: float):
         for g in self.optimizer.param_groups:
@@ -94,9 +103,11 @@ class GraphedStep:
             self.memory.correct.copy_(mem[1])
             self.memory.touched.copy_(mem[2])
 
-    def capture(self, batch: Batch, lr: float) -> bool:
-        """Warm up on ``batch`` and capture; returns False (and warns) if capture is not possible."""
+    def capture(self, batch: Batch, lr: float, extra: tuple[torch.Tensor, ...] = ()) -> bool:
+        """Warm up on ``batch`` and capture; returns False (and warns) if capture is not possible.
+        Running out of memory (in the warm-up steps or the capture) is raised, not a fallback."""
         self.static = self._clone_batch(batch)
+        self._load_extra(extra)
         self._set_lr(lr)
         snap = self._snapshot()
         side = torch.cuda.Stream()
@@ -106,17 +117,22 @@ class GraphedStep:
                 # a capturable optimizer (AdamW) warns when stepped outside a capture: here on purpose
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 for _ in range(self.warmup):
-                    self.eager_step(self.static)
+                    self.eager_step(self.static, *self.extra)
             torch.cuda.current_stream().wait_stream(side)
             self._restore(snap)
             torch.cuda.synchronize()
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.loss = self.eager_step(self.static)
+                self.loss = self.eager_step(self.static, *self.extra)
             self.graph = graph
             return True
-        except Exception as e:  # keep training, eagerly
+        except Exception as e:  # keep training, eagerly -- unless the step does not fit in memory
+            if out_of_memory(e):
+                # falling back to the eager step would only run out of memory again, later and less
+                # clearly: the caller turns this into an error naming the batch size
+                self.graph = None
+                raise
             torch.cuda.synchronize()
             self._restore(snap)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", RuntimeWarning)
@@ -133,14 +149,16 @@ class GraphedStep:
             self.graph.reset()
         self.graph = None
         self.static = None
+        self.extra = ()
         self.loss = None
         self.optimizer.zero_grad(set_to_none=True)  # the gradients live in the pool too
         for g in self.optimizer.param_groups:  # back to plain numbers for any later eager use
             if torch.is_tensor(g["lr"]):
                 g["lr"] = float(g["lr"])
 
-    def step(self, batch: Batch, lr: float) -> torch.Tensor:
+    def step(self, batch: Batch, lr: float, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         self._load(batch)
+        self._load_extra(extra)
         self._set_lr(lr)
         self.graph.replay()
         return self.loss

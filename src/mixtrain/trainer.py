@@ -18,6 +18,8 @@ import os
 import platform
 import sys
 import time
+import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -26,10 +28,10 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as D
 from .batches import EpochBatches
-from .compose import Augment, Normalizer
+from .compose import Normalizer
 from .distributed import resolve_device
 from .data import load_data
-from .errors import MixtrainError
+from .errors import MixtrainError, out_of_memory
 from .loss import separated_loss, soft_label_loss
 from .models import adapt, create_model
 from .schedule import step_lrs
@@ -64,9 +66,12 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: str = "auto"  # auto (on for one CUDA process with resident data, no compile) | on | off
     image_size: int = 0  # folder: training resolution (0: 224); tensor data keep their size
-    pad: int = -1  # random-crop padding in pixels (-1: image size / 8; folder: 0)
-    flip: str = "auto"  # auto (off for digits) | on | off
-    workers: int = 8
+    cache_size: int = 0  # folder: the decoded cache's image size (0: the training resolution)
+    cache_dir: str = ""  # folder: where decoded caches live ("": $MIXTRAIN_CACHE or ~/.cache/mixtrain/folders)
+    placement: str = "auto"  # folder: auto (on the GPU when it fits) | device | host (streamed from host memory)
+    pad: int = -1  # random-crop padding in pixels (-1: the data's default: image size / 8; folders: 0)
+    flip: str = "auto"  # auto (the data's default: off for digits) | on | off
+    workers: int = 0  # folder: processes that decode images when its cache is built (0: all CPU cores)
     eval_every: int = 0  # evaluate on the test split every N epochs (0: only at the end)
     eval_batch_size: int = 1024
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends only)
@@ -134,6 +139,12 @@ class TrainConfig:
             raise MixtrainError(f"--warmup is a fraction of all samples and must be in [0, 1], got {self.warmup}")
         if self.pad < -1:
             raise MixtrainError(f"--pad must be >= 0, or -1 for image size / 8, got {self.pad}")
+        if self.placement not in ("auto", "device", "host"):
+            raise MixtrainError(f"--placement must be auto, device or host, got {self.placement!r}")
+        if self.cache_size < 0:
+            raise MixtrainError(f"--cache-size must be >= 0 (0: the training resolution), got {self.cache_size}")
+        if self.cache_size and not self.data.startswith("folder:"):
+            raise MixtrainError(f"--cache-size applies only to folder:DIR data; {self.data!r} is used as it is")
         if self.image_size != 0:
             if not self.data.startswith("folder:"):
                 raise MixtrainError(
@@ -156,7 +167,8 @@ class TrainConfig:
 # Options a resumed run may change: where and how it runs, not what it computes. Every other
 # option (including any added later) must match the checkpoint's.
 RESUMABLE_CHANGES = frozenset({
-    "device", "out", "precision", "channels_last", "compile", "cuda_graph", "workers", "eval_every", "eval_batch_size",
+    "device", "out", "precision", "channels_last", "compile", "cuda_graph", "workers", "cache_dir", "placement",
+    "eval_every", "eval_batch_size",
     "checkpoint_every", "resume", "deterministic", "progress", "csv", "tensorboard", "save_checkpoints",
 })
 
@@ -279,6 +291,25 @@ class _FiniteWatch:
         return False
 
 
+def _out_of_memory_guard(doing: str, evaluating: bool = False):
+    """Turn running out of memory inside the decorated method into one error naming the batch
+    size and the model (:meth:`Trainer._out_of_memory_error`)."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                raise self._out_of_memory_error(doing, evaluating) from e
+
+        return guarded
+
+    return wrap
+
+
 class Trainer:
     """Runs one configuration; :meth:`fit` returns the metrics dict also written to ``metrics.json``."""
 
@@ -303,7 +334,7 @@ class Trainer:
             first = self.dist.local_rank == 0  # downloads/unpacks first; the node's others then read its copy
             if not first:
                 self.dist.barrier()
-            data = load_data(cfg.data, cfg.image_size or None, cfg.workers)
+            data = load_data(cfg.data, cfg.image_size or None, cfg.workers, cfg.cache_size, cfg.cache_dir, cfg.placement)
             if first:
                 self.dist.barrier()
         self.data = data
@@ -315,10 +346,10 @@ class Trainer:
                 f"batch size {cfg.batch_size} x {self.dist.world} process(es) is larger than the training set ({n} samples)"
             )
         self.image_hw = self.data.image_size
-        size = self.image_hw[0]
-        pad = cfg.pad if cfg.pad >= 0 else (0 if self.data.streaming else max(1, size // 8))
-        flip = cfg.flip == "on" or (cfg.flip == "auto" and cfg.data != "digits")
-        self.augment = Augment(pad=pad, flip=flip)
+        default = self.data.default_augment()  # the data source's own defaults
+        pad = cfg.pad if cfg.pad >= 0 else default.pad
+        flip = cfg.flip == "on" or (cfg.flip == "auto" and default.flip)
+        self.augment = dataclasses.replace(default, pad=pad, flip=flip)
         self.normalize = Normalizer(self.data.mean, self.data.std, self.device)
 
         torch.manual_seed(cfg.seed)  # model initialisation (the trainer owns this process)
@@ -334,9 +365,9 @@ class Trainer:
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
-        graphable = self.device.type == "cuda" and self.dist.world == 1 and not self.data.streaming and not cfg.compile
+        graphable = self.device.type == "cuda" and self.dist.world == 1 and not cfg.compile
         if cfg.cuda_graph == "on" and not graphable:
-            raise MixtrainError("--cuda-graph on needs one CUDA process, data resident on the GPU (not folder:) and no --compile")
+            raise MixtrainError("--cuda-graph on needs one CUDA process and no --compile")
         self.use_graph = graphable and cfg.cuda_graph != "off"
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"  # one kernel per step instead of several
@@ -368,6 +399,9 @@ class Trainer:
     # state
 
     def state_dict(self, plan_arrays=None, partial=None) -> dict:
+        """The checkpoint: tensors and plain Python data only (it loads with ``weights_only=True``);
+        the plan's numpy arrays become tensors here and numpy arrays again in :meth:`_load`."""
+        plan = None if plan_arrays is None else {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in plan_arrays.items()}
         return {
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
@@ -378,7 +412,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "world_size": self.dist.world,
             "log": self.log,
-            "plan": plan_arrays,
+            "plan": plan,
             "partial": partial,
             # The epoch's plan/padding/augmentation generators are re-derived from (seed, epoch,
             # rank) and need no saving; the global generators (dropout, drop-path) do.
@@ -386,41 +420,64 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
-    _REQUIRED = ("config", "model", "optimizer", "strategy", "epoch", "step_in_epoch", "samples_seen", "log", "torch_rng")
-
     def _load(self, state: dict):
-        if not isinstance(state, dict) or any(k not in state for k in self._REQUIRED):
-            raise MixtrainError(f"{self.ckpt_path} is not a mixtrain checkpoint (keys missing)")
-        saved = TrainConfig.from_dict(state["config"])
+        """Resume from ``state`` (read by :func:`checkpoint.load`: data only). Every field is checked
+        against this run first (:func:`checkpoint.check_state`); a field that does not fit gives one
+        error naming it, and nothing is applied."""
+        try:
+            ckpt.check_config(state, TrainConfig().to_dict(), RESUMABLE_CHANGES)
+            saved = TrainConfig.from_dict(state["config"])
+        except ckpt.StateError as e:
+            raise MixtrainError(f"cannot resume from {self.ckpt_path}: {e}") from e
+        except TypeError as e:  # e.g. an option of the mixing options that this version does not know
+            raise MixtrainError(f"cannot resume from {self.ckpt_path}: field config: {ckpt.one_line(e)}") from e
         diff = config_differences(saved, self.cfg)
         world = state.get("world_size", 1)
         if world != self.dist.world:  # the global batch (batch size x processes) defines the run
-            diff.append(f"processes: {world} -> {self.dist.world}")
+            diff.append(f"processes: {world!r} -> {self.dist.world}")
         if diff:
             raise MixtrainError(
                 f"cannot resume: the checkpoint {self.ckpt_path} was made with other options "
                 f"({'; '.join(diff)}); resume with the checkpoint's options, or train afresh into another --out"
             )
+        cuda = self.device.type == "cuda"
+        expected = ckpt.Expected(
+            model=self.model.state_dict(), model_name=self.cfg.resolved_model(), optimizer=self.optimizer,
+            strategy=self.strategy.state_dict(), num_train=self.data.num_train, slots=self.strategy.slots,
+            grid=tuple(self.grid), epochs=self.cfg.epochs, batch_size=self.cfg.batch_size, world=self.dist.world,
+            torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(self.device) if cuda else None,
+        )
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if "capturable" in self.optimizer.defaults:  # where this run trains, not where the checkpoint was made
-                for g in self.optimizer.param_groups:
-                    g["capturable"] = self.optimizer.defaults["capturable"]
-            self.strategy.load_state_dict(state["strategy"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise MixtrainError(f"cannot resume from {self.ckpt_path}: it does not fit this model and data ({e})") from e
+            ckpt.check_state(state, expected)
+        except ckpt.StateError as e:
+            raise MixtrainError(f"cannot resume from {self.ckpt_path}: {e}") from e
+        for key in ("model", "optimizer", "strategy"):
+            try:
+                if key == "model":
+                    self.model.load_state_dict(state["model"])
+                elif key == "optimizer":
+                    self.optimizer.load_state_dict(state["optimizer"])
+                    for name in ("capturable", "fused", "foreach"):  # where this run trains, not where the checkpoint was made
+                        if name in self.optimizer.defaults:
+                            for g in self.optimizer.param_groups:
+                                g[name] = self.optimizer.defaults[name]
+                else:
+                    self.strategy.load_state_dict(state["strategy"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise MixtrainError(f"cannot resume from {self.ckpt_path}: field {key} does not fit this run "
+                                    f"({ckpt.one_line(e)})") from e
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.samples_seen = state["samples_seen"]
-        self.log = state["log"]
+        self.log = [dict(row) for row in state["log"]]
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+        if state.get("cuda_rng") is not None and cuda:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if state.get("plan") is not None:  # mid-epoch: the process count was checked above
             from .plan import EpochPlan
 
-            self.partial = (EpochPlan(**state["plan"]), state["partial"])
+            plan = EpochPlan(**{k: v.numpy() for k, v in state["plan"].items()})
+            self.partial = (plan, state["partial"])
             self.last_good = f"epoch {self.epoch + 1}, step {self.step_in_epoch}"
         else:
             self.last_good = f"end of epoch {self.epoch}"
@@ -441,6 +498,25 @@ class Trainer:
             self.checkpoints.save(self.state_dict(arrays, partial), self.ckpt_path)
         self.last_good = where
 
+    def _out_of_memory_error(self, doing: str, evaluating: bool = False) -> MixtrainError:
+        """The error for a batch that does not fit: where, which batch size and model, what to try."""
+        cfg = self.cfg
+        h, w = self.image_hw
+        if evaluating:
+            where = f"{doing} after epoch {self.epoch}"
+            what = f"a batch of --eval-batch-size {cfg.eval_batch_size} test images"
+            advice = f"use a smaller --eval-batch-size (try {max(1, cfg.eval_batch_size // 2)}) or a smaller --batch-size"
+        else:
+            where = f"{doing} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+            what = f"a batch of --batch-size {cfg.batch_size} images"
+            advice = f"use a smaller --batch-size (try {max(1, cfg.batch_size // 2)})"
+            if "graph" in doing:
+                advice += ", or --cuda-graph off if the step fits without the graph's own memory pool"
+        return MixtrainError(
+            f"out of memory on {self.device} {where}: {what} of {h}x{w} px does not fit with model "
+            f"{cfg.resolved_model()}; {advice}. Last good checkpoint: {self._last_good()}."
+        )
+
     def _last_good(self) -> str:
         if not self.cfg.save_checkpoints:
             return "none (checkpoints are off)"
@@ -451,22 +527,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # one step
 
-    def _images(self, batch, source):
-        images, src = source
-        return batch.compose(images, self.normalize, src)
+    @_out_of_memory_guard("capturing the CUDA graph of the training step")
+    def _capture(self, batch, lr: float, images: torch.Tensor, src: torch.Tensor | None):
+        """Capture the whole step as a CUDA graph (see graphs.py); on failure keep training eagerly.
 
-    def _capture(self, batch, lr: float):
-        """Capture the whole step as a CUDA graph (see graphs.py); on failure keep training eagerly."""
+        Resident data: the step gathers from the whole training split by sample id. Streamed data:
+        the step reads a static buffer of ``B * K`` images and their slot positions, into which
+        each step's streamed images are copied before the replay.
+        """
         from .graphs import GraphedStep
 
-        images, labels = self.data.train_x, self.data.train_y
+        labels = self.data.train_y
+        if src is None:
+            def step(b):
+                return self._train_step(b, b.compose(images, self.normalize), labels)
+            extra = ()
+        else:
+            rows = batch.index.numel()  # the most distinct images a step can show
+            extra = (torch.zeros((rows, *images.shape[1:]), dtype=images.dtype, device=images.device),
+                     torch.zeros_like(src))
 
-        def step(b):
-            return self._train_step(b, b.compose(images, self.normalize), labels)
+            def step(b, static_images, static_src):
+                return self._train_step(b, b.compose(static_images, self.normalize, static_src), labels)
 
-        g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None))
+        g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None), extra)
         before = None if self.grad_stats is None else self.grad_stats.clone()
-        if g.capture(batch, lr):
+        if g.capture(batch, lr, () if src is None else (images, src)):
             self.graphed = g
             self.graph_used = True
         else:
@@ -521,9 +607,11 @@ class Trainer:
         started = time.perf_counter()
         try:
             return self._fit(started)
-        except BaseException:
+        except BaseException as e:
             # the checkpoint in flight is the "last good" one an error message names: let it land
             self.checkpoints.wait(raise_error=False)
+            if out_of_memory(e):  # a training step (capture and evaluation raise their own error)
+                raise self._out_of_memory_error("in a training step") from e
             raise
 
     def _fit(self, started: float) -> dict:
@@ -564,7 +652,7 @@ class Trainer:
                 plan, partial = self.strategy.plan_epoch(epoch, plan_rng), None
             batches = EpochBatches(plan, cfg.batch_size, self.grid, self.device, aug_gen,
                                    self.dist.rank, self.dist.world, pad_rng, self.image_hw, self.augment,
-                                   self.strategy.blend)
+                                   self.strategy.blend, self.data.source_size)
             lrs = step_lrs(batches.global_samples, self.samples_seen - (partial or {}).get("samples", 0), total, cfg.lr, cfg.warmup)
             # each step's loss goes into one device buffer: no host sync per step; read at the end
             # (and watched for non-finite values without blocking, see _FiniteWatch)
@@ -577,7 +665,7 @@ class Trainer:
                 if self.is_main:  # saved as the sum over all ranks: add it back once
                     loss_before = partial["loss_sum"]
                 seconds_before = partial["seconds"]
-            source = self._source(batches)
+            source = self.data.step_images(batches, self.device, self.step_in_epoch)
             # the gradient-norm statistics cover the epoch from here, or from its start when resumed
             # from a checkpoint that saved them
             first_step = self.step_in_epoch
@@ -589,14 +677,15 @@ class Trainer:
             for j in range(self.step_in_epoch, len(batches)):
                 batch = batches.batch(j)
                 lr = float(lrs[j])
+                images, src = source.get(j)
                 if self.graphed is None and self.use_graph:
-                    self._capture(batch, lr)
+                    self._capture(batch, lr, images, src)
                 if self.graphed is not None:
-                    step_loss[j] = self.graphed.step(batch, lr)
+                    step_loss[j] = self.graphed.step(batch, lr, () if src is None else (images, src))
                 else:
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
-                    x = self._images(batch, source(j))
+                    x = batch.compose(images, self.normalize, src)
                     step_loss[j] = self._train_step(batch, x, labels, batches.loss_scale(j, per_pass=self.per_pass))
                 self.samples_seen += int(batches.global_samples[j])
                 self.step_in_epoch = j + 1
@@ -618,6 +707,7 @@ class Trainer:
                         partial_state["grad_stats"] = self.grad_stats.tolist()
                     self._save(f"epoch {epoch + 1}, step {j + 1}", plan, partial_state)
                     save_seconds += time.perf_counter() - t_save
+            source.close()
             self.strategy.end_epoch(self.dist.world > 1)
             if self.record_dir:
                 D.record_epoch(self.record_dir, self.dist, epoch, plan, batches, self.strategy, self.samples_seen)
@@ -687,6 +777,7 @@ class Trainer:
         metrics["pass_speedup"] = metrics["samples"] / max(1, metrics["passes"])
         if self.is_main:
             _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+            _write_curves(cfg.out, metrics)
         writers.close(metrics)
         return metrics
 
@@ -712,16 +803,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _source(self, batches):
-        """Per-step image source: the resident uint8 tensor, or the folder stream."""
-        if not self.data.streaming:
-            images = self.data.train_x
-            return lambda j: (images, None)
-        from .stream import FolderStream
-
-        stream = FolderStream(self.data, batches, self.device, self.cfg.workers, self.step_in_epoch)
-        return stream.get
-
+    @_out_of_memory_guard("evaluating on the test split", evaluating=True)
     @torch.no_grad()
     def evaluate(self) -> float:
         """Top-1 accuracy on the test split (plain forward, global pooling).
@@ -733,14 +815,7 @@ class Trainer:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         total = 0
-        bs = self.cfg.eval_batch_size
-        rank, world = self.dist.rank, self.dist.world
-        if self.data.streaming:
-            chunks = ((x.to(self.device, non_blocking=True), y.to(self.device)) for x, y in
-                      self.data.test_loader(bs, self.device.type == "cuda", rank, world))
-        else:
-            tx, ty = self.data.test_x[rank::world], self.data.test_y[rank::world]
-            chunks = zip(tx.split(bs), ty.split(bs))
+        chunks = self.data.test_batches(self.cfg.eval_batch_size, self.device, self.dist.rank, self.dist.world)
         for x, y in chunks:
             x = self.normalize(x)
             if self.device.type == "cuda" and self.cfg.channels_last:
@@ -769,6 +844,19 @@ def _write_json(path: str, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def _write_curves(folder: str, metrics: dict):
+    """``curves.png`` from the per-epoch log; drawing it never fails the run (it warns instead)."""
+    path = os.path.join(folder, "curves.png")
+    try:
+        from .show import curves_title, plot_curves
+
+        plot_curves(metrics["epochs_log"], path, curves_title(metrics))
+    except Exception as e:  # no working matplotlib, a full disk, ...: the run itself is done
+        import warnings
+
+        warnings.warn(f"could not draw {path}: {type(e).__name__}: {e}", RuntimeWarning)
 
 
 class _Writers:
