@@ -120,11 +120,13 @@ def config_from_args(args, **override):
 
 
 def cmd_train(args):
+    from .show import write_curves
     from .trainer import train
 
     m = train(config_from_args(args))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line, from rank 0
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line and the curves, from rank 0
         return
+    write_curves(args.out, m)  # OUT/curves.png; a failure to draw only warns
     print(
         f"{m['method']}: {m['passes']:,} passes for {m['samples']:,} samples ({m['pass_speedup']:.2f}x), "
         f"{m['train_seconds']:.1f} s training, test accuracy {m['test_accuracy']:.4f} -> {os.path.join(args.out, 'metrics.json')}"

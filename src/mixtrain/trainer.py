@@ -777,7 +777,6 @@ class Trainer:
         metrics["pass_speedup"] = metrics["samples"] / max(1, metrics["passes"])
         if self.is_main:
             _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-            _write_curves(cfg.out, metrics)
         writers.close(metrics)
         return metrics
 
@@ -844,19 +843,6 @@ def _write_json(path: str, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
-
-
-def _write_curves(folder: str, metrics: dict):
-    """``curves.png`` from the per-epoch log; drawing it never fails the run (it warns instead)."""
-    path = os.path.join(folder, "curves.png")
-    try:
-        from .show import curves_title, plot_curves
-
-        plot_curves(metrics["epochs_log"], path, curves_title(metrics))
-    except Exception as e:  # no working matplotlib, a full disk, ...: the run itself is done
-        import warnings
-
-        warnings.warn(f"could not draw {path}: {type(e).__name__}: {e}", RuntimeWarning)
 
 
 class _Writers:
