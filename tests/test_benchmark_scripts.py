@@ -147,3 +147,16 @@ def test_step_profile_smoke(tmp_path):
     assert "aten::grid_sampler_3d" in ops["quads"] and "aten::grid_sampler_2d" not in ops["quads"]
     table = (tmp_path / "step_profile.md").read_text()
     assert "**quads** minus baseline" in table and "| `aten::" in table
+
+
+def test_oom_check_smoke(tmp_path):
+    # on the CPU nothing runs out: the case trains 2 epochs, and its checkpoint is read back
+    bench = load_script("oom_check")
+    assert bench.main(["--smoke", "--cases", "eval", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "oom_check.json").read_text())
+    (row,) = result["cases"]
+    assert row["case"] == "eval" and row["exit_code"] == 0 and not row["traceback"] and row["as_described"]
+    assert row["checkpoint"] == "loads (weights_only): end of epoch 2"
+    assert "--eval-batch-size 64" in row["command"] and "npz:" in row["command"]
+    table = (tmp_path / "oom_check.md").read_text()
+    assert "| eval | 0 | 0 | no | no |" in table and "benchmarks/oom_check.py --smoke" in table

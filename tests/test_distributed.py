@@ -198,7 +198,7 @@ def test_torchrun_two_processes_train_mixtrain_on_digits(tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
     # the loss memory is global: after the merges rank 0's checkpoint knows every sample's loss
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)  # data only
     assert state["samples_seen"] == epochs * n
     assert torch.isfinite(state["strategy"]["memory"]["loss"][:n]).all()
 

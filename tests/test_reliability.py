@@ -86,7 +86,7 @@ class CrashAfter(Trainer):
 
 
 def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def same_tensors(a: dict, b: dict) -> bool:

@@ -26,3 +26,24 @@ class MixtrainError(Exception):
                 self.worker_traceback = text
                 message = text[at + len(marker) :].strip()
         super().__init__(message, *args)
+
+
+_OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """``e`` (or an exception it was raised from or during) is a failed memory allocation:
+    ``torch.OutOfMemoryError`` (CUDA), or a library's allocation failure reported as a
+    ``RuntimeError`` (cuBLAS, cuDNN, the CPU allocator). A :class:`MixtrainError` never is: it has
+    already been worded for the user."""
+    import torch
+
+    seen = set()
+    while e is not None and id(e) not in seen and not isinstance(e, MixtrainError):
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        if isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

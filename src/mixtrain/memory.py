@@ -61,9 +61,13 @@ class LossMemory:
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu()}
 
     def load_state_dict(self, state: dict):
-        if state["loss"].shape != self.loss.shape:
-            raise ValueError(
-                f"loss memory holds {state['loss'].shape[0] - 1} samples, this dataset has {self.num_samples}"
-            )
+        """Restore from :meth:`state_dict`; a state of another shape or type raises ``ValueError``."""
+        if not isinstance(state, dict) or not all(torch.is_tensor(state.get(k)) for k in ("loss", "correct")):
+            raise ValueError("a loss memory state is a dict of two tensors, 'loss' and 'correct'")
+        if state["loss"].shape != self.loss.shape or state["correct"].shape != self.correct.shape:
+            held = f"{state['loss'].shape[0] - 1} samples" if state["loss"].ndim == 1 else f"shape {list(state['loss'].shape)}"
+            raise ValueError(f"loss memory holds {held}, this dataset has {self.num_samples} samples")
+        if not state["loss"].is_floating_point() or state["correct"].dtype != torch.bool:
+            raise ValueError("a loss memory's 'loss' must be a float tensor and its 'correct' a bool tensor")
         self.loss.copy_(state["loss"])
         self.correct.copy_(state["correct"])
