@@ -1,5 +1,5 @@
 """Time-to-accuracy benchmark: ``mixtrain bench`` runs every (method, epochs, seed) in one process
-and ``mixtrain report`` renders ``report.md`` and ``frontier.png`` from ``results.json``.
+and ``mixtrain report`` renders ``report.md``, ``frontier.png`` and ``mixing.png`` from ``results.json``.
 
 What a run's ``train_seconds`` covers (measured by the trainer, device-synchronised): every epoch's
 planning, batch set-up, training steps and end-of-epoch bookkeeping. It leaves out data loading
@@ -32,6 +32,7 @@ FORMAT = "mixtrain-bench/1"
 RESULTS = "results.json"
 REPORT = "report.md"
 FRONTIER = "frontier.png"
+MIXING = "mixing.png"
 WARMUP_STEPS = 3  # steps per warm-up epoch (same batch shape as the timed runs)
 
 TIMING_NOTE = (
@@ -352,7 +353,8 @@ def render_report(results: dict) -> str:
             f"| {r['method']} | {r['epochs']} | {r['n']} | {r['passes']:,.0f} | {r['train_seconds']:.1f} | {acc} | "
             f"{_ratio(r['speedup'])} | {_ratio(r['pass_ratio'])} | {_gain_text(r, rows, reference)} |"
         )
-    lines += ["", "![test accuracy vs train seconds](frontier.png)", "", "## Every run", "",
+    lines += ["", "![test accuracy vs train seconds](frontier.png)", "",
+              "![samples trained mixed per epoch, one panel per method](mixing.png)", "", "## Every run", "",
               "| run | train s | passes | samples | test acc % | eval s | loss spikes (epochs) | max grad norm |",
               "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in sorted(runs, key=lambda r: (r["method"], r["epochs"], r["seed"])):
@@ -400,8 +402,46 @@ def plot_frontier(rows: list[dict], path: str, title: str = ""):
     os.replace(tmp, path)
 
 
+def plot_mixing(runs: list[dict], path: str, methods: list[str] | None = None):
+    """One panel per method: the share of the training set trained mixed in each epoch, one line
+    per epoch budget (mean over seeds), from each run's ``epochs_log``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = [m for m in (methods or []) if any(r["method"] == m for r in runs)]
+    order += [m for m in dict.fromkeys(r["method"] for r in runs) if m not in order]
+    cols = min(4, max(1, len(order)))
+    rows = max(1, math.ceil(len(order) / cols))
+    fig = Figure(figsize=(3.0 * cols, 2.3 * rows + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.suptitle("samples trained mixed per epoch (% of the training set, mean over seeds)", fontsize=9)
+    if not order:
+        fig.text(0.5, 0.5, "no finished runs yet", ha="center", va="center")
+    for i, method in enumerate(order):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for n_epochs in sorted({int(r["epochs"]) for r in runs if r["method"] == method}):
+            logs = [r.get("epochs_log") or [] for r in runs if r["method"] == method and int(r["epochs"]) == n_epochs]
+            logs = [log for log in logs if len(log) == n_epochs]
+            if logs:
+                mean = [100 * sum(log[e].get("mixed_fraction", 0.0) for log in logs) / len(logs) for e in range(n_epochs)]
+                ax.plot(range(1, n_epochs + 1), mean, marker=".", markersize=3, label=f"{n_epochs} epochs")
+        ax.set_title(method, fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6, loc="upper left", frameon=False)
+    fig.subplots_adjust(left=0.07 if cols > 1 else 0.15, right=0.98, top=1 - 0.55 / (2.3 * rows + 0.5),
+                        bottom=0.45 / (2.3 * rows + 0.5), wspace=0.25, hspace=0.55)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
 def write_report(out_dir: str, results: dict) -> tuple[str, str]:
-    """Write ``report.md`` and ``frontier.png`` into ``out_dir``; returns their paths."""
+    """Write ``report.md``, ``frontier.png`` and ``mixing.png`` into ``out_dir``; returns the paths
+    of the report and the frontier plot."""
     report = os.path.join(out_dir, REPORT)
     png = os.path.join(out_dir, FRONTIER)
     _write_text(report, render_report(results))
@@ -409,6 +449,7 @@ def write_report(out_dir: str, results: dict) -> tuple[str, str]:
     setup = results.get("setup", {})
     title = f"{setup.get('data', '')} {setup.get('resolved_model', '')}".strip()
     plot_frontier(rows, png, title + " (labels: epochs)" if title else "")
+    plot_mixing(results.get("runs", []), os.path.join(out_dir, MIXING), results.get("methods"))
     return report, png
 
 
@@ -513,7 +554,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
               resume: bool = False, stop_after: float = 0.0, data=None, log=print) -> dict:
     """Train every (method, epochs, seed) with the options of ``base`` (a TrainConfig) into ``out``.
 
-    Writes ``out/results.json`` after every run, then ``report.md`` and ``frontier.png``. With
+    Writes ``out/results.json`` after every run, then ``report.md``, ``frontier.png`` and ``mixing.png``. With
     ``resume`` it keeps the runs already in ``results.json`` (same setup and device required) and
     trains only the missing ones. ``stop_after`` > 0: start no run once this many seconds have
     passed, or when the run's expected duration (the slowest finished run of its method, scaled to
@@ -630,7 +671,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
 
     _write_json(path, results)
     report, png = write_report(out, results)
-    log(f"wrote {path}, {report}, {png}")
+    log(f"wrote {path}, {report}, {png}, {os.path.join(out, MIXING)}")
     return results
 
 
@@ -660,7 +701,7 @@ def cmd_bench(args):
 def cmd_report(args):
     results = load_results(args.dir)
     report, png = write_report(args.dir, results)
-    print(f"wrote {report} and {png}")
+    print(f"wrote {report}, {png} and {os.path.join(args.dir, MIXING)}")
 
 
 def add_bench_commands(sub, fmt):
@@ -670,7 +711,7 @@ def add_bench_commands(sub, fmt):
         "bench", help="time-to-accuracy benchmark: every method x epochs x seed, one process", formatter_class=fmt,
         description="Train every combination of --methods, --epochs and --seeds on the same data (loaded once, "
                     "kept on the device) after an untimed warm-up per method; writes OUT/results.json after "
-                    "every run, then OUT/report.md and OUT/frontier.png. " + TIMING_NOTE)
+                    "every run, then OUT/report.md, OUT/frontier.png and OUT/mixing.png. " + TIMING_NOTE)
     add_train_options(b, multi=True)
     g = b.add_argument_group("bench")
     g.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
@@ -686,8 +727,8 @@ def add_bench_commands(sub, fmt):
     add_debug_option(b)
     b.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("report", help="re-render OUT/report.md and OUT/frontier.png from OUT/results.json",
-                       formatter_class=fmt, description="Rebuild a bench's report.md and frontier.png from its results.json.")
+    r = sub.add_parser("report", help="re-render OUT/report.md, OUT/frontier.png and OUT/mixing.png from OUT/results.json",
+                       formatter_class=fmt, description="Rebuild a bench's report.md, frontier.png and mixing.png from its results.json.")
     r.add_argument("dir", help="the bench's output folder (holding results.json)")
     add_debug_option(r)
     r.set_defaults(func=cmd_report)

@@ -1,4 +1,4 @@
-"""Command line: ``mixtrain train | demo | prepare | bench | report``. Parses options, calls the library."""
+"""Command line: ``mixtrain train | demo | prepare | show | bench | report``. Parses options, calls the library."""
 
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ PANEL_PIXELS = 128  # a panel's longer side is about this many pixels (whole-num
 DPI = 100
 GAP = 8  # between panels and around the grid
 TITLE = 16  # above each panel: its tier
-HEADER = 48  # above the grid: what, when, and the epoch's tiers
+HEADER = 62  # above the grid: three lines (what and when; the epoch's tiers; the loss memory and the legend)
+MIN_WIDTH = 800  # a narrow grid still has room for its header (the panels stay at the left)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -119,6 +120,7 @@ def batch_items(batch, rows, source, normalize, labels: torch.Tensor, grid, imag
     un-normalised for display.
     """
     from .compose import pixel_boxes
+    from .plan import box_shows
 
     images, src = source
     with torch.no_grad():
@@ -134,7 +136,7 @@ def batch_items(batch, rows, source, normalize, labels: torch.Tensor, grid, imag
         valid = rows.valid[i]
         slots = np.flatnonzero(valid)
         if len(slots) == 0:  # padding: shows an image, carries no sample
-            shows = np.flatnonzero((rows.box[i, :, 2] > rows.box[i, :, 0]) & (rows.box[i, :, 3] > rows.box[i, :, 1]))
+            shows = np.flatnonzero(box_shows(rows.box[i]))
             items.append(Item("padding", [], [], [], [tuple(int(v) for v in pbox[i, k]) for k in shows]))
             continue
         items.append(Item(
@@ -189,7 +191,7 @@ def grid_size(count: int, columns: int, panel: tuple[int, int]) -> tuple[int, in
     cols = max(1, min(columns, count))
     rows = math.ceil(count / cols)
     ph, pw = panel
-    return GAP + cols * (pw + GAP), HEADER + rows * (TITLE + ph + GAP) + GAP
+    return max(MIN_WIDTH, GAP + cols * (pw + GAP)), HEADER + rows * (TITLE + ph + GAP) + GAP
 
 
 def _label_text(item: Item, k: int, names: list[str] | None) -> str:
@@ -198,11 +200,18 @@ def _label_text(item: Item, k: int, names: list[str] | None) -> str:
     return f"{name}\n{item.share[k]:.0%}"
 
 
+def _fit(text: str, pixels: float) -> str:
+    """``text`` cut to about ``pixels`` wide at the header's font size (about 5.5 px a character)."""
+    most = max(8, int(pixels / 5.5))
+    return text if len(text) <= most else text[: most - 1] + "\u2026"
+
+
 def render_grid(pixels: np.ndarray, items: list[Item], path: str, names: list[str] | None = None,
-                header: tuple[str, str] = ("", ""), columns: int = 8, scale: int | None = None):
+                header: tuple[str, str, str] = ("", "", ""), columns: int = 8, scale: int | None = None):
     """Draw the batch as a grid of panels into ``path`` (PNG): each composite with its region
-    borders, each constituent's label and area share, the item's tier above it, a two-line header.
-    Each panel maps 1:1 onto figure pixels (dpi :data:`DPI`)."""
+    borders, each constituent's label and area share, the item's tier above it, and a header of
+    three lines (the third shares its line with the tiers' colour legend). Each panel maps 1:1
+    onto figure pixels (dpi :data:`DPI`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -213,13 +222,18 @@ def render_grid(pixels: np.ndarray, items: list[Item], path: str, names: list[st
     cols = max(1, min(columns, len(items)))
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.text(GAP / width, 1 - 6 / height, header[0], ha="left", va="top", fontsize=8.5, weight="bold")
-    fig.text(GAP / width, 1 - 22 / height, header[1], ha="left", va="top", fontsize=8)
     legend = [t for t in ("alone", "pair", "quad", "blend", "padding")
               if t in ("alone", "pair", "quad") or any(it.tier == t for it in items)]
-    for n, tier in enumerate(reversed(legend)):  # right-aligned on the first line, 64 px apiece
-        fig.text(1 - (GAP + 64 * n) / width, 1 - 6 / height, f"\u25a0 {tier}", ha="right", va="top", fontsize=8.5,
+    right = GAP
+    for tier in reversed(legend):  # right-aligned on the third line
+        fig.text(1 - right / width, 1 - 36 / height, f"\u25a0 {tier}", ha="right", va="top", fontsize=8.5,
                  color=np.array(COLOURS[tier]) / 255)
+        right += 7 * len(tier) + 28  # about the label's width at this size, and a gap
+    lines = list(header) + [""] * (3 - len(header))
+    room = (width - 2 * GAP, width - 2 * GAP, width - GAP - right - 16)
+    for n, (text, wide) in enumerate(zip(lines, room)):
+        fig.text(GAP / width, 1 - (6 + 15 * n) / height, _fit(text, wide * (0.92 if n == 0 else 1.0)), ha="left",
+                 va="top", fontsize=8.5 if n == 0 else 8, weight="bold" if n == 0 else "normal")
     for i, item in enumerate(items):
         r, c = divmod(i, cols)
         left = GAP + c * (pw + GAP)
@@ -234,7 +248,8 @@ def render_grid(pixels: np.ndarray, items: list[Item], path: str, names: list[st
                  color=np.array(COLOURS.get(item.tier, (0, 0, 0))) / 255 * 0.8)
         inset = line_width(scale) + 1
         for k, (y0, x0, y1, x1) in enumerate(item.box[: len(item.label)]):  # top-left inside each region
-            ax.text(x0 * scale + inset, y0 * scale + inset, _label_text(item, k, names), ha="left", va="top",
+            below = sum(b[:2] == (y0, x0) for b in item.box[:k]) * 24  # blends share a region: stack them
+            ax.text(x0 * scale + inset, y0 * scale + inset + below, _label_text(item, k, names), ha="left", va="top",
                     fontsize=7, color="white", linespacing=1.0,
                     bbox=dict(facecolor="black", alpha=0.6, pad=1.0, edgecolor="none"))
     _save(fig, path)
@@ -255,14 +270,11 @@ def _save(fig, path: str):
 # mixtrain show
 
 
-def tier_shares(plan) -> dict[str, float]:
+def tier_shares(plan, blend: bool = False) -> dict[str, float]:
     """Fraction of the plan's samples in each tier."""
     counts = plan.valid.sum(1)
     total = max(1, int(counts.sum()))
-    out = {}
-    for c in sorted(set(counts.tolist()) - {0}):
-        out[TIERS.get(c, f"{c} slots")] = float(counts[counts == c].sum()) / total
-    return out
+    return {tier_of(c, blend): float(counts[counts == c].sum()) / total for c in sorted(set(counts.tolist()) - {0})}
 
 
 def _read_run(folder: str):
@@ -412,16 +424,17 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     pixels, items = batch_items(batches.batch(j), rows, source, trainer.normalize, dataset.train_y.cpu(), grid,
                                 trainer.image_hw, strategy.blend)
 
-    shares = tier_shares(plan)
+    shares = tier_shares(plan, strategy.blend)
     mixing = strategy.mixing(e0)
     first = j * images + 1
     header = (
         f"{cfg.data} \u00b7 {cfg.resolved_model()} (feature grid {grid[0]}x{grid[1]}) \u00b7 {cfg.method} \u00b7 "
-        f"epoch {e0 + 1} of {cfg.epochs}{'' if mixing else ' (unmixed)'} \u00b7 composites {first}-{first + len(items) - 1} "
-        f"of {plan.items:,}",
+        f"epoch {e0 + 1} of {cfg.epochs}{'' if mixing else ' (unmixed)'} \u00b7 composites {first}-"
+        f"{min(first + len(items) - 1, plan.items)} of {plan.items:,}",
         "this epoch: " + ", ".join(f"{v:.0%} of samples {'alone' if k == 'alone' else 'in ' + k + 's'}"
                                    for k, v in shares.items())
-        + f"; {plan.passes:,} passes for {plan.samples:,} samples \u00b7 {memory_text}",
+        + f"; {plan.passes:,} passes for {plan.samples:,} samples",
+        memory_text,
     )
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
