@@ -1,28 +1,28 @@
-"""Images per second of the folder streaming path at 224 px: does loading starve the GPU?
+"""ImageNet-scale throughput of the folder cache: how close does training from it come to the bare model?
 
-Hardware: written for one NVIDIA H100 80GB GPU with 16 CPU cores (the DataLoader workers decode on
-those cores). Versions: recorded in ``folder_throughput.json`` (``versions``).
+Hardware: written for one NVIDIA H200 with 16 CPU cores and 64 GB of disk (the device tool);
+versions and device in ``folder_throughput.json``.
 
-It writes a synthetic ImageNet-style folder (``--images`` JPEGs of ``--source-size`` pixels with
-smooth random content plus noise, so files have a realistic size and decode cost) to a temporary
-directory, or reads ``--folder DIR``. Then, for each plan and worker count, it times whole epochs
-exactly as the trainer runs them: a new :class:`mixtrain.stream.FolderStream` per epoch (DataLoader
-with workers and pinned memory, decode + random-resized-crop to ``--size`` in the workers, in plan
-order), the copy to the device, and augment + compose on the device. Three modes:
+1. Generates an ImageNet-style folder of ``--images`` JPEGs (sides 224-500 px, random aspect;
+   smooth random content plus texture, quality 90, so files decode like photographs) on all
+   cores, and times it.
+2. Prepares the decoded cache at each ``--sizes`` (all cores), timing the build and reporting the
+   cache's size on disk.
+3. For each model and size:
+   * ``bare``: the bare model's eager training step (bf16 autocast, channels-last, fused SGD) on
+     one random batch already on the GPU, no mixtrain -- the GPU's floor, in images/s;
+   * for ``--placement`` device (the cache resident on the GPU) and host (streamed from
+     memory-mapped host memory, gathered ahead in pinned buffers, copied on a side stream), and for
+     the baseline and for mixtrain: a real :class:`mixtrain.Trainer` run over the first
+     ``--subset`` images for 3 epochs (epoch 1 unmixed, epochs 2-3 everything mixed in pairs:
+     the loader's worst case, two images per pass), timing epoch 3 (the trainer's own epoch time:
+     plan, batches, gathers, copies, steps as CUDA graphs). Rates: samples/s (images trained on)
+     and passes/s (network passes).
 
-* ``load``: the stream and compose only, no model -- what the input pipeline can deliver;
-* ``model``: the training step only (forward, separated loss, backward, SGD step; bf16 autocast and
-  channels-last on CUDA) on images already on the device -- what the GPU can consume;
-* ``load+model``: both, as in training.
+Goals from the issue: streamed at least 90 % of resident, resident at least 90 % of the bare step.
 
-If ``load+model`` runs clearly below ``model``, loading starves the GPU. Plans: ``baseline`` (one
-sample per pass) and ``mixed`` (every sample mixed in pairs: two decoded images per pass, the
-loader's worst case). Rates are samples/s (images decoded and trained on) and passes/s (network
-passes); the first epoch of each measurement is untimed (worker start-up is still timed in the
-later epochs, as the trainer starts workers every epoch).
-
-    python benchmarks/folder_throughput.py --images 8192 --workers 8,15 --out results/folder
-    python benchmarks/folder_throughput.py --smoke --out /tmp/folder-smoke    # CPU, seconds
+    python benchmarks/folder_throughput.py --images 100000 --out R
+    python benchmarks/folder_throughput.py --smoke --out /tmp/ft      # CPU, seconds
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,219 +38,194 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mixtrain.batches import EpochBatches  # noqa: E402
-from mixtrain.compose import Augment, Normalizer  # noqa: E402
+from _timing import median_ms  # noqa: E402
 from mixtrain.data import FolderData  # noqa: E402
-from mixtrain.loss import separated_loss  # noqa: E402
+from mixtrain.folder_cache import open_cache  # noqa: E402
 from mixtrain.models import adapt, create_model  # noqa: E402
-from mixtrain.strategies import MixOptions, MixTrain, Strategy  # noqa: E402
-from mixtrain.stream import FolderStream  # noqa: E402
-from mixtrain.trainer import resolve_device, versions  # noqa: E402
+from mixtrain.strategies import MixOptions  # noqa: E402
+from mixtrain.trainer import TrainConfig, Trainer, resolve_device, versions  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--folder", default="", help="an existing folder (train/<class>/*, val/<class>/*); default: generate one")
-    p.add_argument("--images", type=int, default=8192, help="training images to generate")
-    p.add_argument("--classes", type=int, default=100, help="classes to generate")
-    p.add_argument("--source-size", type=int, default=256, help="generated JPEGs are this many pixels square")
-    p.add_argument("--size", type=int, default=224, help="training resolution (random-resized-crop in the workers)")
-    p.add_argument("--model", default="resnet50_224", help="model for the model step (any --model name)")
-    p.add_argument("--batch-size", type=int, default=256, help="passes per step")
-    p.add_argument("--workers", default="8", help="comma-separated DataLoader worker counts")
-    p.add_argument("--plans", default="baseline,mixed", help="baseline (1 sample per pass), mixed (2 per pass)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is untimed)")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--out", default="results/folder_throughput", help="output folder")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny CPU check: 48 images of 48 px, size 32, digitnet, batch 8, workers 0,2, 2 epochs")
+    p.add_argument("--folder", default="", help="an existing folder; default: generate one under --work")
+    p.add_argument("--work", default="", help="where to generate the folder and caches (default: a temporary folder)")
+    p.add_argument("--images", type=int, default=100_000, help="training JPEGs to generate")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--sizes", default="224,160", help="cache sizes = training resolutions")
+    p.add_argument("--models", default="resnet50_224,resnet18_224")
+    p.add_argument("--placements", default="device,host")
+    p.add_argument("--methods", default="baseline,mixtrain")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--subset", type=int, default=256 * 40, help="training images per throughput run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stop-after", type=float, default=540.0, help="start no measurement after this many seconds")
+    p.add_argument("--out", default="results/folder_throughput")
+    p.add_argument("--smoke", action="store_true", help="CPU: 48 images, size 32, digitnet, batch 8")
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
-# the synthetic folder
-
-
 def _write_images(job):
-    root, names, size, seed = job
     from PIL import Image
 
+    root, items, seed = job
     rng = np.random.default_rng(seed)
-    for path in names:
-        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.float32)
-        img += rng.normal(0.0, 12.0, img.shape)  # texture: JPEG size and decode cost like photographs
+    texture = rng.normal(0.0, 10.0, (520, 520, 3)).astype(np.float32)
+    for path, (h, w) in items:
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        y, x = rng.integers(0, 520 - h + 1), rng.integers(0, 520 - w + 1)
+        img += texture[y : y + h, x : x + w]
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, path), quality=90)
-    return len(names)
+    return len(items)
 
 
-def generate_folder(root: str, images: int, classes: int, size: int) -> dict:
-    """``images`` training JPEGs (and a small val split) over ``classes`` class folders."""
+def generate_folder(root: str, images: int, classes: int, lo: int, hi: int) -> dict:
     t0 = time.perf_counter()
-    paths = []
+    rng = np.random.default_rng(0)
+    items = []
     for split, n in (("train", images), ("val", max(classes, images // 50))):
         for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"c{c:04d}"), exist_ok=True)
-        paths += [os.path.join(split, f"c{i % classes:04d}", f"{i:07d}.jpg") for i in range(n)]
-    procs = max(1, min(16, os.cpu_count() or 1, len(paths) // 200))  # no pool for a handful
-    chunks = [paths[i::procs] for i in range(procs)]
-    jobs = [(root, chunk, size, i) for i, chunk in enumerate(chunks) if chunk]
+            os.makedirs(os.path.join(root, split, f"n{c:05d}"), exist_ok=True)
+        sides = rng.integers(lo, hi + 1, (n, 2))
+        items += [(os.path.join(split, f"n{i % classes:05d}", f"{i:07d}.JPEG"), tuple(sides[i])) for i in range(n)]
+    procs = max(1, min(os.cpu_count() or 1, len(items) // 100))
+    jobs = [(root, items[i::procs], i) for i in range(procs)]
     if procs > 1:
         with ProcessPoolExecutor(procs) as pool:
             list(pool.map(_write_images, jobs))
     else:
-        for job in jobs:
-            _write_images(job)
-    train_bytes = sum(os.path.getsize(os.path.join(root, p)) for p in paths if p.startswith("train"))
-    return {"images": images, "classes": classes, "source_size": size, "seconds": time.perf_counter() - t0,
-            "mean_jpeg_kb": train_bytes / images / 1024}
+        _write_images(jobs[0])
+    size = sum(os.path.getsize(os.path.join(root, p)) for p, _ in items)
+    return {"train_images": images, "val_images": len(items) - images, "classes": classes, "sides": [lo, hi],
+            "seconds": time.perf_counter() - t0, "jpeg_gb": size / 1e9, "processes": procs}
 
 
-# ----------------------------------------------------------------------------------------------
-# the measurement
+def bare_step(model_name: str, size: int, batch: int, classes: int, device) -> float:
+    """Images/s of the bare model's eager step (bf16, channels-last, fused SGD) on one batch."""
+    torch.manual_seed(0)
+    model = adapt(create_model(model_name, classes, 3, size), size).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5, fused=cuda)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
 
-
-class Step:
-    """The trainer's step: forward with region pooling, separated loss, backward, SGD step."""
-
-    def __init__(self, model_name: str, num_classes: int, size: int, device: torch.device):
-        torch.manual_seed(0)
-        self.model = adapt(create_model(model_name, num_classes, 3, size), size).to(device)
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.grid = self.model.grid
-
-    def __call__(self, batch, x, labels):
-        with torch.autocast("cuda" if self.cuda else "cpu", dtype=torch.bfloat16, enabled=self.cuda):
-            logits = self.model(x, batch.pool_masks() if batch.index.shape[1] > 1 else None)
-            if logits.ndim == 2:
-                logits = logits[:, None]
-        loss, _ = separated_loss(logits, labels[batch.index], batch.valid)
-        self.opt.zero_grad(set_to_none=True)
+    def step():
+        xi = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(model(xi).float(), y)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        opt.step()
+
+    ms = median_ms(step, device, repeats=5, inner=10 if cuda else 2, warmup=5 if cuda else 1)
+    return batch / ms * 1000
 
 
-def make_plan(kind: str, n: int, grid, seed: int):
-    rng = np.random.default_rng(seed)
-    if kind == "baseline":
-        return Strategy(n, grid, 1).plan_epoch(0, rng)
-    return MixTrain(n, grid, 1, "cpu", MixOptions(rule="all", warmup_epochs=0, final_unmixed_epochs=0)).plan_epoch(0, rng)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(data, step, plan_kind, mode, workers, batch_size, epochs, device) -> dict:
-    """Time ``epochs`` epochs of one mode; the first is untimed."""
-    norm = Normalizer(data.mean, data.std, device)
-    augment = Augment(pad=0, flip=True)
-    labels = data.train_y
-    resident = None
-    if mode == "model":  # images already on the device: 2 per pass covers any plan
-        g = torch.Generator().manual_seed(0)
-        resident = torch.randint(0, 256, (2 * batch_size, 3, data.size, data.size), dtype=torch.uint8, generator=g).to(device)
-    timed = []
-    samples = passes = 0
-    for epoch in range(epochs):
-        plan = make_plan(plan_kind, data.num_train, step.grid, epoch)
-        batches = EpochBatches(plan, batch_size, step.grid, device, torch.Generator().manual_seed(epoch),
-                               image_size=(data.size, data.size), augment=augment)
-        sync(device)
-        t0 = time.perf_counter()
-        stream = FolderStream(data, batches, device, workers) if mode != "model" else None
-        for j in range(len(batches)):
-            batch = batches.batch(j)
-            if stream is not None:
-                images, src = stream.get(j)
-            else:
-                images, src = resident, torch.arange(batch.index.numel(), device=device).view_as(batch.index) % len(resident)
-            x = batch.compose(images, norm, src)
-            if mode != "load":
-                step(batch, x, labels)
-        sync(device)
-        if epoch > 0 or epochs == 1:
-            timed.append(time.perf_counter() - t0)
-            samples += plan.samples
-            passes += plan.passes
-    seconds = sum(timed)
-    return {"plan": plan_kind, "mode": mode, "workers": workers if mode != "model" else None,
-            "epochs_timed": len(timed), "seconds": seconds, "samples_per_s": samples / seconds,
-            "passes_per_s": passes / seconds}
-
-
-def markdown(rows, session) -> str:
-    lines = [
-        f"# Folder streaming throughput ({session['device']}, {session['model']}, {session['size']} px, "
-        f"batch {session['batch_size']})",
-        "",
-        f"Folder: {session['folder']}. Samples/s = images decoded and trained on; passes/s = network passes. "
-        "load = FolderStream + copy + compose; model = training step on resident images; "
-        "load+model = training as the trainer runs it. Versions: " + json.dumps(session["versions"]) + ".",
-        "",
-        "| plan | mode | workers | samples/s | passes/s | of model-only |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        frac = f"{r['of_model']:.0%}" if r.get("of_model") is not None else "–"
-        w = "–" if r["workers"] is None else r["workers"]
-        lines.append(f"| {r['plan']} | {r['mode']} | {w} | {r['samples_per_s']:,.0f} | {r['passes_per_s']:,.0f} | {frac} |")
-    lines += ["", "A load+model rate well below 100% of model-only means loading starves the GPU."]
-    return "\n".join(lines) + "\n"
+def trainer_rate(data, model: str, size: int, method: str, batch: int, device: str, out: str) -> dict:
+    cfg = TrainConfig(data=data.name, model=model, image_size=size, method=method, epochs=3, batch_size=batch,
+                      device=device, out=out, progress="none", save_checkpoints=False,
+                      mix=MixOptions(rule="all", warmup_epochs=1, final_unmixed_epochs=0, quad_confidence=0.0))
+    t = Trainer(cfg, data=data)
+    m = t.fit()
+    last = m["epochs_log"][-1]
+    return {"resident": t.data.resident, "cuda_graph": m["cuda_graph"], "epoch_seconds": last["seconds"],
+            "samples_per_s": last["samples"] / last["seconds"], "passes_per_s": last["passes"] / last["seconds"],
+            "epochs_log": m["epochs_log"]}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    t_start = time.perf_counter()
     if args.smoke:
-        args.images, args.classes, args.source_size, args.size = 48, 4, 48, 32
-        args.model, args.batch_size, args.workers, args.epochs, args.device = "digitnet", 8, "0,2", 2, "cpu"
+        args.images, args.classes, args.sizes, args.models = 48, 3, "32", "digitnet"
+        args.batch_size, args.subset, args.device = 8, 32, "cpu"
     device = resolve_device(args.device)
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    tmp = None
-    folder_info = {"folder": args.folder}
-    if not args.folder:
-        tmp = tempfile.TemporaryDirectory(prefix="mixtrain-folder-")
-        folder_info = generate_folder(tmp.name, args.images, args.classes, args.source_size)
-        folder_info["folder"] = f"synthetic ({args.images} JPEGs, {args.source_size} px, "  \
-                                f"{folder_info['mean_jpeg_kb']:.0f} KB mean, generated in {folder_info['seconds']:.0f} s)"
-        print(folder_info["folder"], flush=True)
-    try:
-        data = FolderData("folder", args.folder or tmp.name, args.size, workers[0]).to(device)
-        step = Step(args.model, data.num_classes, args.size, device)
-        rows = []
-        for plan in plans:
-            ceiling = measure(data, step, plan, "model", 0, args.batch_size, args.epochs, device)
-            rows.append(ceiling)
-            print(f"{plan:8s} model       {ceiling['samples_per_s']:9,.0f} samples/s", flush=True)
-            for w in workers:
-                for mode in ("load", "load+model"):
-                    r = measure(data, step, plan, mode, w, args.batch_size, args.epochs, device)
-                    r["of_model"] = r["passes_per_s"] / ceiling["passes_per_s"] if mode == "load+model" else None
-                    rows.append(r)
-                    print(f"{plan:8s} {mode:11s} {w:2d} workers {r['samples_per_s']:9,.0f} samples/s", flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    session = {"benchmark": "folder_throughput", "device": str(device), "model": args.model, "size": args.size,
-               "batch_size": args.batch_size, "epochs": args.epochs, "workers": workers, "folder": folder_info["folder"],
-               "generated": folder_info if tmp is not None else None, "versions": versions(),
-               "cpu_count": os.cpu_count()}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "folder_throughput.json"), "w") as f:
-        json.dump({**session, "rows": rows}, f, indent=2)
-    text = markdown(rows, session)
-    with open(os.path.join(args.out, "folder_throughput.md"), "w") as f:
-        f.write(text)
-    print(text)
+    work = args.work or tempfile.mkdtemp(prefix="mixtrain-ft-")
+    result = {"versions": versions(), "device": str(device), "args": vars(args), "rows": [], "bare": [], "caches": []}
+    if args.folder:
+        folder = args.folder
+    else:
+        folder = os.path.join(work, "folder")
+        lo, hi = (24, 40) if args.smoke else (224, 500)
+        result["generated"] = generate_folder(folder, args.images, args.classes, lo, hi)
+        print("generated", result["generated"], flush=True)
+
+    def save():
+        with open(os.path.join(args.out, "folder_throughput.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        write_table(args.out, result)
+
+    for size in (int(s) for s in args.sizes.split(",")):
+        t0 = time.perf_counter()
+        cache = open_cache(folder, size, os.path.join(work, "cache"))
+        result["caches"].append({"size": size, "seconds": time.perf_counter() - t0, "gb": cache.nbytes() / 1e9,
+                                 "images": cache.manifest["counts"], "build_seconds": cache.manifest["build_seconds"],
+                                 "workers": cache.manifest["workers"]})
+        print("cache", result["caches"][-1], flush=True)
+        for model in args.models.split(","):
+            if time.perf_counter() - t_start > args.stop_after:
+                result["stopped_early"] = True
+                break
+            ips = bare_step(model, size, args.batch_size, args.classes, device)
+            result["bare"].append({"model": model, "size": size, "images_per_s": ips})
+            print(f"bare {model} {size}px: {ips:,.0f} img/s", flush=True)
+            for placement in args.placements.split(","):
+                data = FolderData(folder, size, cache=cache, placement=placement).subset(args.subset, 512)
+                for method in args.methods.split(","):
+                    if time.perf_counter() - t_start > args.stop_after:
+                        result["stopped_early"] = True
+                        break
+                    r = trainer_rate(data, model, size, method, args.batch_size, args.device,
+                                     os.path.join(work, "runs", f"{model}-{size}-{placement}-{method}"))
+                    r.update(model=model, size=size, placement=placement, method=method)
+                    result["rows"].append(r)
+                    print(f"{model} {size}px {placement} {method}: {r['samples_per_s']:,.0f} samples/s, "
+                          f"{r['passes_per_s']:,.0f} passes/s (graph {r['cuda_graph']})", flush=True)
+                    save()
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+        shutil.rmtree(cache.path, ignore_errors=True)  # disk room for the next size
+    save()
     return 0
+
+
+def write_table(out: str, result: dict):
+    bare = {(b["model"], b["size"]): b["images_per_s"] for b in result["bare"]}
+    rate = {(r["model"], r["size"], r["placement"], r["method"]): r for r in result["rows"]}
+    lines = [f"# Folder-cache throughput ({result['versions'].get('gpu', result['device'])}; torch "
+             f"{result['versions']['torch']})", ""]
+    if "generated" in result:
+        g = result["generated"]
+        lines.append(f"Folder: {g['train_images']:,} generated JPEGs ({g['sides'][0]}-{g['sides'][1]} px sides, "
+                     f"{g['jpeg_gb']:.1f} GB), {g['classes']} classes; written in {g['seconds']:.0f} s.")
+    for c in result["caches"]:
+        lines.append(f"- Cache at {c['size']} px: {c['gb']:.1f} GB, prepared in {c['build_seconds']:.0f} s with "
+                     f"{c['workers']} processes ({c['images']['train']:,} + {c['images']['val']:,} images).")
+    lines += ["", "| model | px | bare step img/s | placement | method | samples/s | passes/s | of bare | streamed / resident |",
+              "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for (model, size, placement, method), r in rate.items():
+        b = bare.get((model, size))
+        resident = rate.get((model, size, "device", method))
+        of_bare = f"{r['passes_per_s'] / b:.2f}" if b else ""
+        vs = f"{r['samples_per_s'] / resident['samples_per_s']:.2f}" if resident and placement == "host" else ""
+        lines.append(f"| {model} | {size} | {b:,.0f} | {placement} | {method} | {r['samples_per_s']:,.0f} | "
+                     f"{r['passes_per_s']:,.0f} | {of_bare} | {vs} |")
+    lines += ["", "of bare: passes/s over the bare model's eager step (images/s). mixtrain's epochs here mix every "
+              "sample in pairs (two images per pass).", "", "    python benchmarks/folder_throughput.py " +
+              " ".join(f"--{k.replace('_', '-')} {v}" for k, v in result["args"].items()
+                       if k in ("images", "sizes", "models", "batch_size", "subset"))]
+    with open(os.path.join(out, "folder_throughput.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
