@@ -64,7 +64,8 @@ def _value_of_row(data, split="train"):
     return [value_of(p) for p in data.cache.files(split)]
 
 
-def test_host_stream_delivers_each_slots_image_in_plan_order(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])  # 3: each step's gather split over a thread pool
+def test_host_stream_delivers_each_slots_image_in_plan_order(tmp_path, threads):
     root = make_folder(tmp_path, per_class=10, constant=True)
     data = load_data(f"folder:{root}", image_size=16, workers=1, placement="host").to("cpu")
     assert not data.resident
@@ -75,7 +76,8 @@ def test_host_stream_delivers_each_slots_image_in_plan_order(tmp_path):
     assert plan.slots == 4 and plan.items == 15
     batches = EpochBatches(plan, 4, grid, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert len(batches) == 4  # 15 pairs padded to 16 items
-    stream = HostStream(data.train_x, batches, torch.device("cpu"))
+    stream = HostStream(data.train_x, batches, torch.device("cpu"), threads=threads)
+    assert (stream.pool is None) == (threads == 1)
     index = batches.plan.index.reshape(4, 4, -1)
     box = batches.plan.box.reshape(4, 4, -1, 4)
     seen = []

@@ -11,8 +11,10 @@ cache is the node-shared host copy).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ class HostStream:
     the CPU the same code runs with plain buffers and synchronous copies.
     """
 
-    def __init__(self, host: torch.Tensor, batches, device, start: int = 0, ahead: int = 3):
+    def __init__(self, host: torch.Tensor, batches, device, start: int = 0, ahead: int = 3, threads: int = 0):
         n, b = batches.num_batches, batches.batch_size
         index = batches.plan.index.reshape(n, b, -1)[start:]
         box = batches.plan.box.reshape(n, b, -1, 4)[start:]
@@ -75,6 +77,10 @@ class HostStream:
             self.free.put((s, None))
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
+        # one thread copies about 3 GB/s (measured: a host-streamed ResNet-18 at 160 px capped at
+        # ~20k images/s), so a step's gather is split over several threads (index_select frees the GIL)
+        self.threads = threads or max(1, min(8, (os.cpu_count() or 2) - 2))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mixtrain-gather") if self.threads > 1 else None
         self.thread = threading.Thread(target=self._gather_ahead, name="mixtrain-host-stream", daemon=True)
         self.thread.start()
         self._issue(start)
@@ -87,10 +93,21 @@ class HostStream:
                     return
                 if event is not None:
                     event.synchronize()  # the copy that last read this staging buffer has finished
-                torch.index_select(self.host, 0, torch.from_numpy(ids), out=self.staging[slot][: len(ids)])
+                self._gather(ids, self.staging[slot])
                 self.ready.put((i, slot, None))
         except BaseException as e:  # reported on the training thread at its next get
             self.ready.put((-1, -1, e))
+
+    def _gather(self, ids: np.ndarray, buf: torch.Tensor):
+        idx = torch.from_numpy(ids)
+        if self.pool is None or len(ids) < 2 * self.threads:
+            torch.index_select(self.host, 0, idx, out=buf[: len(ids)])
+            return
+        bounds = np.linspace(0, len(ids), self.threads + 1).astype(int)
+        jobs = [self.pool.submit(torch.index_select, self.host, 0, idx[a:b], out=buf[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for job in jobs:
+            job.result()
 
     def _issue(self, j: int):
         """Start copying step ``j``'s images into device buffer ``j % 2``."""
@@ -133,6 +150,9 @@ class HostStream:
             self.free.put((0, None))  # wake the thread if it waits for a buffer
             self.thread.join(timeout=10)
             self.thread = None
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None
 
     def __del__(self):
         try:
