@@ -153,19 +153,18 @@ def step_times(data, args, compile_, variants):
         dev = tr.device
         batch = first_batch(tr, args.batch_size)
         labels = data.train_y
-        source = (data.train_x, None)
 
         def step():
-            x = tr._images(batch, source)
+            x = batch.compose(data.train_x, tr.normalize)
             tr._train_step(batch, x, labels)
 
         def comp():
-            tr._images(batch, source)
+            batch.compose(data.train_x, tr.normalize)
 
         r = {"slots": tr.strategy.slots, "samples_per_pass": batch.samples / args.batch_size,
              "step_ms": median_ms(step, dev, args.repeats), "compose_ms": median_ms(comp, dev, args.repeats)}
         if dev.type == "cuda" and not compile_:
-            tr._capture(batch, 0.01)
+            tr._capture(batch, 0.01, data.train_x, None)
             if tr.graphed is not None:
                 r["graph_step_ms"] = median_ms(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
                 tr.graphed.release()

@@ -37,10 +37,10 @@ def kernel_time_per_op(tr, batch, data, steps: int, warmup: int) -> dict[str, fl
     (on the CPU, for the smoke run: each operator's own CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    labels, source = data.train_y, (data.train_x, None)
+    labels = data.train_y
 
     def step():
-        x = tr._images(batch, source)
+        x = batch.compose(data.train_x, tr.normalize)
         tr._train_step(batch, x, labels)
 
     for _ in range(warmup):
@@ -97,7 +97,7 @@ def main(argv=None):
         res["samples_per_pass"][v] = batch.samples / args.batch_size
         res["ops_us"][v] = kernel_time_per_op(tr, batch, data, args.steps, args.warmup)
         if tr.device.type == "cuda":
-            tr._capture(batch, 0.01)
+            tr._capture(batch, 0.01, data.train_x, None)
             if tr.graphed is not None:
                 res["graph_step_ms"][v] = median_ms(lambda: tr.graphed.step(batch, 0.01), tr.device, args.repeats)
                 tr.graphed.release()

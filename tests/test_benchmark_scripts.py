@@ -46,14 +46,29 @@ def test_models_benchmark_gives_the_vits_their_own_optimizer(tmp_path):
 
 def test_folder_throughput_smoke(tmp_path):
     bench = load_script("folder_throughput")
-    assert bench.main(["--smoke", "--plans", "mixed", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "folder_throughput.json").read_text())
-    got = {(r["mode"], r["workers"]) for r in result["rows"]}
-    assert got == {("model", None), ("load", 0), ("load+model", 0), ("load", 2), ("load+model", 2)}
+    got = {(r["placement"], r["method"]) for r in result["rows"]}
+    assert got == {(p, m) for p in ("device", "host") for m in ("baseline", "mixtrain")}
     for r in result["rows"]:
+        assert r["resident"] == (r["placement"] == "device")
         assert r["samples_per_s"] > 0
-        assert r["samples_per_s"] == pytest.approx(2 * r["passes_per_s"])  # every pass carries a pair
-    assert "| mixed | load+model | 2 |" in (tmp_path / "folder_throughput.md").read_text()
+        # epoch 3 of mixtrain mixes every sample in pairs: two samples per pass
+        assert r["samples_per_s"] == pytest.approx((2 if r["method"] == "mixtrain" else 1) * r["passes_per_s"])
+    assert result["caches"][0]["images"] == {"train": 48, "val": 3} and result["bare"][0]["images_per_s"] > 0
+    assert "| digitnet | 32 |" in (tmp_path / "folder_throughput.md").read_text()
+
+
+def test_folder_bench_smoke(tmp_path):
+    bench = load_script("folder_bench")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "folder_bench.json").read_text())
+    for path in ("npz", "cache_path"):
+        base, mixed = result[path]["baseline"], result[path]["mixtrain"]
+        assert base["passes"] == 64 and mixed["passes"] == 48  # 32 samples, epoch 2 all in pairs
+        assert mixed["speedup"] == pytest.approx(base["train_seconds_median"] / mixed["train_seconds_median"])
+    assert result["cache_over_npz_baseline_epoch_seconds"] > 0
+    assert "| folder cache | mixtrain |" in (tmp_path / "folder_bench.md").read_text()
 
 
 def test_mixing_cost_smoke(tmp_path):
