@@ -478,7 +478,8 @@ def add_show_command(sub, fmt):
     s.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the plans and augmentation (default: 0; with --from the run's)")
     s.add_argument("--epoch", type=int, default=0,
                    help="epoch to plan, 1-based (0: with --from the epoch after the checkpoint, or the run's last "
-                        "mixing epoch once it is past that; without, the epoch after the warm-up)")
+                        "mixing epoch once it is past that; without, the epoch after the warm-up, or the first "
+                        "mixing epoch of a method without a loss memory)")
     s.add_argument("--batch", type=int, default=1, help="which batch of --images composites of the epoch, 1-based")
     s.add_argument("--images", type=int, default=16, help="composites to draw")
     s.add_argument("--columns", type=int, default=8, help="composites per row")
