@@ -265,6 +265,33 @@ OWN_LOOP = textwrap.dedent(
 )
 
 
+def test_torchrun_two_processes_train_from_one_folder_cache(tmp_path):
+    """Under torchrun the node's first process builds the folder cache, the other waits and reads
+    it; streamed from host memory, each rank trains exactly its share of the plan."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "f"
+    for split, per in (("train", 12), ("val", 3)):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per):
+                a = rng.integers(0, 90, (20, 24, 3), dtype=np.uint8)
+                a[..., c] += 150
+                Image.fromarray(a).save(root / split / f"c{c}" / f"{i}.png")
+    out, rec = tmp_path / "run", tmp_path / "rec"
+    r = torchrun(["-m", "mixtrain", "train", "--data", f"folder:{root}", "--image-size", "16", "--model", "digitnet",
+                  "--placement", "host", "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--method",
+                  "mixtrain", "--epochs", "2", "--batch-size", "6", "--lr", "0.05", "--device", "cpu", "--out", str(out),
+                  "--warmup-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "all", "--progress", "none"],
+                 tmp_path, record_dir=rec)
+    assert r.stderr.count("preparing the folder cache") == 1  # built once, by the first process
+    check_epoch_records(load_records(rec, 2), 2, 36)
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["samples"] for e in m["epochs_log"]] == [36, 36] and m["epochs_log"][1]["passes"] < 36
+    assert m["test_samples"] == 9
+
+
 def test_own_loop_under_ddp_with_the_public_api(tmp_path):
     """The documented recipe: same plans and merged memories on both ranks, each sample once per
     epoch, pool masks through the DDP wrapper, identical weights on both ranks at the end."""

@@ -171,6 +171,17 @@ def test_corrupt_truncated_and_non_image_files_are_skipped_and_named(tmp_path):
     assert FC.status(root, 16)[0] == "valid"  # skipped files do not make the cache stale
 
 
+def test_an_image_over_the_decompression_limit_is_skipped_and_named(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "f")
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(os.path.join(root, "train", "c2", "huge.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 60 = 2400 > 2 x 1000: a "bomb"
+    with pytest.warns(FC.CacheWarning, match=r"train/c2/huge.png \(DecompressionBombError"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            cache = FC.open_cache(root, 16, workers=1, log=lambda s: None)
+    assert cache.manifest["counts"]["train"] == 18
+
+
 def test_cli_prepare_reports_and_warns_in_one_line_each(tmp_path, capsys):
     root = make_folder(tmp_path / "f")
     open(os.path.join(root, "train", "c0", "bad.png"), "wb").write(b"x")
