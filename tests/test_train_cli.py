@@ -188,7 +188,7 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
         "--warmup-epochs", "2", "--final-unmixed-epochs", "1", "--mix-rule", "fraction", "--confidence", "0.6",
         "--mix-threshold", "0.2", "--mix-fraction", "0.4", "--quad-confidence", "0.95", "--mix-ratio", "fixed",
         "--min-share", "0.3", "--pairing", "easy-hard", "--pair-resize", "on", "--quad-resize", "off",
-        "--loss-per", "passes",
+        "--loss-per", "passes", "--prune-ratio", "0.3", "--prune-until", "0.5",
     ])
     cfg = config_from_args(args)
     default = TrainConfig()

@@ -25,6 +25,7 @@ class Batch:
     geo: Geometry  # per-slot sampling transforms, region and pooling weights
     samples: int  # samples this batch carries (host int, known from the plan)
     single: bool  # every item is one whole image (K = 1, no blending)
+    weight: torch.Tensor | None = None  # [B, K] each slot's weight in the loss (None: 1)
 
     def compose(self, images: torch.Tensor, normalize: Normalizer, src: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's images ``[B, C, H, W]`` from uint8 ``images`` indexed by sample id (or by ``src``)."""
@@ -80,7 +81,7 @@ class EpochBatches:
         self.local_passes = mine.any(2).sum(1)
         self.single = k == 1 and not blend
         t = {name: v.view(self.num_batches, batch_size, *v.shape[1:]) for name, v in self.plan.to_torch(device).items()}
-        self.index, self.valid, self.share = t["index"], t["valid"], t["share"]
+        self.index, self.valid, self.share, self.weight = t["index"], t["valid"], t["share"], t["weight"]
         rand = torch.rand((self.num_batches, batch_size, k, rand_width(augment)), generator=generator)
         rand = rand.to(device, non_blocking=True)
         self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend,
@@ -103,7 +104,8 @@ class EpochBatches:
         return float(local[j]) * self.world / max(1, int(total[j]))
 
     def batch(self, j: int) -> Batch:
-        return Batch(self.index[j], self.valid[j], self.share[j], self.geo[j], int(self.local_samples[j]), self.single)
+        return Batch(self.index[j], self.valid[j], self.share[j], self.geo[j], int(self.local_samples[j]), self.single,
+                     self.weight[j])
 
     def __iter__(self):
         for j in range(self.num_batches):

@@ -331,10 +331,12 @@ class Expected:
     world: int
     torch_rng: torch.Tensor
     cuda_rng: torch.Tensor | None  # on CUDA: this device's generator state
+    prunes: bool = False  # the strategy's plans may leave samples out (InfoBatch)
 
 
 REQUIRED = ("config", "model", "optimizer", "strategy", "epoch", "step_in_epoch", "samples_seen", "log", "torch_rng")
-PLAN_DTYPES = {"index": torch.int64, "valid": torch.bool, "box": torch.int16, "resize": torch.bool, "share": torch.float32}
+PLAN_DTYPES = {"index": torch.int64, "valid": torch.bool, "box": torch.int16, "resize": torch.bool, "share": torch.float32,
+               "weight": torch.float32}
 LOG_KEYS = ("epoch", "passes", "samples", "seconds")
 # optimizer settings that follow where a run trains, not the checkpoint: the trainer sets them anew
 DEVICE_SETTINGS = ("capturable", "fused", "foreach")
@@ -388,7 +390,8 @@ def check_state(state: dict, e: Expected):
         if partial.get("grad_stats") is not None:
             for i, v in enumerate(need_list(partial["grad_stats"], "partial.grad_stats", 3)):
                 need_number(v, f"partial.grad_stats[{i}]")
-    seen = epoch * n + done
+    # samples seen so far: every finished epoch's (all of the data, or fewer where a strategy prunes)
+    seen = sum(int(row["samples"]) for row in log) + done
     need_int(state["samples_seen"], "samples_seen", seen, seen)
 
 
@@ -409,7 +412,7 @@ def _check_plan(plan, e: Expected) -> int:
                                                f"(items x {e.slots} slots{' x 4' if key == 'box' else ''})")
     n = e.num_train
     samples = int(plan["valid"].sum())
-    if samples != n:
+    if samples != n and not (e.prunes and 0 < samples < n):
         raise StateError("plan", f"carries {samples} samples; this dataset has {n} (a plan of another length)")
     if items and (int(plan["index"].min()) < 0 or int(plan["index"].max()) >= n):
         raise StateError("plan.index", f"holds sample ids outside 0..{n - 1}")

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from .errors import MixtrainError
 
-METHODS = "baseline, mixtrain, cutmix, mixup"
+METHODS = "baseline, mixtrain, cutmix, mixup, infobatch"
 
 
 def _bool(s: str) -> bool:
@@ -67,7 +67,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: the data's default: image size / 8; 0 for folders)")
     a.add_argument("--flip", default=d.flip, help="random horizontal flip: auto (the data's default: off for digits), on, off")
     a.add_argument("--workers", type=int, default=d.workers, help="folder data: processes that decode the images when the cache is built (0: all CPU cores)")
-    x = p.add_argument_group("mixing (mixtrain, cutmix, mixup)")
+    x = p.add_argument_group("mixing and pruning (mixtrain, cutmix, mixup, infobatch)")
     x.add_argument("--warmup-epochs", type=int, default=m.warmup_epochs, help="first epochs trained unmixed (the loss memory fills)")
     x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed (-1: one per 15 epochs of the schedule, at least one: 1 of 10, 2 of 30)")
     x.add_argument("--mix-rule", default=m.rule, help="which samples are mixed: auto (classified right with p(true) >= --confidence), threshold (loss < --mix-threshold), fraction (lowest-loss --mix-fraction), all")
@@ -80,6 +80,8 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     x.add_argument("--pairing", default=m.pairing, help="random, or easy-hard (easiest mixable with hardest mixable)")
     x.add_argument("--pair-resize", type=_bool, default=m.pair_resize, metavar="on|off", help="downscale pair constituents into their region instead of cropping")
     x.add_argument("--quad-resize", type=_bool, default=m.quad_resize, metavar="on|off", help="downscale quad constituents into their quadrant instead of cropping")
+    x.add_argument("--prune-ratio", type=float, default=m.prune_ratio, help="infobatch: fraction of the samples with below-mean loss left out of each pruned epoch (the kept ones weigh 1/(1-r))")
+    x.add_argument("--prune-until", type=float, default=m.prune_until, help="infobatch: prune in the epochs before this fraction of the schedule, then train on all the data")
     x.add_argument("--loss-per", default=m.loss_per, help="batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger steps when more is mixed)")
     r = p.add_argument_group("logging and checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: at the end only; never timed)")
@@ -112,6 +114,8 @@ def config_from_args(args, **override):
         pair_resize=args.pair_resize,
         quad_resize=args.quad_resize,
         loss_per=args.loss_per,
+        prune_ratio=args.prune_ratio,
+        prune_until=args.prune_until,
     )
     names = {f.name for f in fields(TrainConfig)} - {"mix"}
     values = {k: getattr(args, k) for k in names if hasattr(args, k)}

@@ -54,7 +54,8 @@ class GraphedStep:
     @staticmethod
     def _clone_batch(b: Batch) -> Batch:
         geo = Geometry(*(t.clone() for t in b.geo.tensors()), exclusive=b.geo.exclusive)
-        return Batch(b.index.clone(), b.valid.clone(), b.share.clone(), geo, b.samples, b.single)
+        return Batch(b.index.clone(), b.valid.clone(), b.share.clone(), geo, b.samples, b.single,
+                     None if b.weight is None else b.weight.clone())
 
     def _load(self, b: Batch):
         s = self.static
@@ -63,6 +64,8 @@ class GraphedStep:
         s.index.copy_(b.index, non_blocking=True)
         s.valid.copy_(b.valid, non_blocking=True)
         s.share.copy_(b.share, non_blocking=True)
+        if s.weight is not None:
+            s.weight.copy_(b.weight, non_blocking=True)
         for dst, src in zip(s.geo.tensors(), b.geo.tensors()):
             dst.copy_(src, non_blocking=True)
         s.samples = b.samples

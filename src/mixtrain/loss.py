@@ -18,15 +18,17 @@ def separated_loss(
     valid: torch.Tensor,
     label_smoothing: float = 0.0,
     per: str = "samples",
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [B, K, C]``, ``targets``/``valid [B, K]`` -> (batch loss, per-slot loss ``[B, K]``).
 
     The batch loss is the sum of per-sample losses over the samples carried divided by their
     number (``per="samples"``, the spec: every sample weighs as in ordinary training) or by the
     number of passes (``per="passes"``: a step's gradient grows with the samples it carries, as the
-    linear LR-scaling rule would have it for a larger batch). The per-slot loss uses
-    ``reduction='none'`` (with the same label smoothing); empty slots contribute nothing. The
-    division is on the device: no host synchronisation.
+    linear LR-scaling rule would have it for a larger batch). ``weight [B, K]`` scales each
+    sample's term (the plan's loss weights; the count is unchanged). The per-slot loss uses
+    ``reduction='none'`` (with the same label smoothing, without the weight); empty slots
+    contribute nothing. The division is on the device: no host synchronisation.
     """
     b, k, c = logits.shape
     ce = F.cross_entropy(
@@ -34,6 +36,8 @@ def separated_loss(
     ).view(b, k)
     w = valid.float()
     count = w.sum() if per == "samples" else valid.any(1).float().sum()
+    if weight is not None:
+        w = w * weight
     return (ce * w).sum() / count.clamp_min(1.0), ce
 
 

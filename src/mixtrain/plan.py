@@ -3,8 +3,10 @@
 A plan is a table of *items*; each item is one image pushed through the network (one pass) and
 carries up to ``K`` constituents (slots). Per item and slot it records the sample index, whether
 the slot carries a sample, the slot's region as a box on the model's final feature grid, whether
-the constituent is downscaled into its region or cropped to it, and its share of the composite
-(area fraction, or blend weight for MixUp).
+the constituent is downscaled into its region or cropped to it, its share of the composite
+(area fraction, or blend weight for MixUp), and its weight in the loss (1, or for instance
+InfoBatch's rescaling of the easy samples it keeps). A plan may carry every training sample once
+(mixing) or only some of them (pruning).
 
 Plans are built on the host once per epoch (a few milliseconds for 50k samples) with pure
 functions of the loss memory and a seeded generator, so every rank of a distributed run builds
@@ -29,6 +31,7 @@ class EpochPlan:
     box: np.ndarray  # [I, K, 4] int16 (top, left, bottom, right) in feature-grid cells; 0-area = empty
     resize: np.ndarray  # [I, K] bool: downscale the whole constituent into its box (else crop to it)
     share: np.ndarray  # [I, K] float32 share of the composite (area fraction or blend weight)
+    weight: np.ndarray  # [I, K] float32 weight of the slot's sample in the loss (1: as in ordinary training)
 
     @property
     def items(self) -> int:
@@ -97,6 +100,7 @@ def empty_items(n: int, k: int) -> EpochPlan:
         box=np.zeros((n, k, 4), np.int16),  # grid cells: small numbers, and an epoch's plan is copied several times
         resize=np.zeros((n, k), bool),
         share=np.zeros((n, k), np.float32),
+        weight=np.ones((n, k), np.float32),
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import plan as P
 from .errors import MixtrainError
-from .loss import sample_stats
+from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
 
 
@@ -42,6 +42,8 @@ class MixOptions:
     pair_resize: bool = False  # downscale pair constituents into their region instead of cropping
     quad_resize: bool = True  # downscale quad constituents into their quadrant instead of cropping
     loss_per: str = "samples"  # batch loss = sum of sample losses / samples carried | / passes
+    prune_ratio: float = 0.5  # infobatch: fraction of the below-mean-loss samples left out of an epoch
+    prune_until: float = 0.875  # infobatch: prune in the epochs before this fraction of the schedule, then use all data
 
     def check(self):
         if self.rule not in ("auto", "threshold", "fraction", "all"):
@@ -68,6 +70,10 @@ class MixOptions:
             )
         if not 0.0 <= self.threshold < math.inf:
             raise MixtrainError(f"--mix-threshold is a loss and must be a finite number >= 0, got {self.threshold}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise MixtrainError(f"--prune-ratio is the fraction of easy samples left out and must be in [0, 1), got {self.prune_ratio}")
+        if not 0.0 <= self.prune_until <= 1.0:
+            raise MixtrainError(f"--prune-until is a fraction of the schedule and must be in [0, 1], got {self.prune_until}")
         if self.warmup_epochs < 0:
             raise MixtrainError("warm-up epochs must be >= 0")
         if self.final_unmixed_epochs < -1:
@@ -87,6 +93,7 @@ class Strategy:
     separate = True  # per-region pooling + per-constituent hard-label loss
     blend = False  # pixels blended over the whole image (MixUp) instead of exclusive regions
     uses_memory = False  # observe() wants per-sample losses (computed only then)
+    prunes = False  # plans may leave samples out of an epoch (each epoch then carries fewer than N)
 
     def __init__(self, num_samples: int, grid: tuple[int, int], num_epochs: int, device="cpu"):
         self.num_samples = int(num_samples)
@@ -100,6 +107,13 @@ class Strategy:
     def plan_epoch(self, epoch: int, rng: np.random.Generator) -> P.EpochPlan:
         ids = rng.permutation(self.num_samples)
         return P.singles(ids, self.slots, self.grid)
+
+    def loss(self, batch, logits, targets, label_smoothing: float = 0.0, per: str = "samples"):
+        """The step's loss from the model's ``logits`` (``[B, K, C]`` for separating strategies,
+        ``[B, C]`` otherwise) and the slots' ``targets [B, K]``: ``(loss, per-slot cross-entropy
+        or None)``. The default: the separated loss, each carried sample weighted by the plan's
+        loss weight. Runs inside the captured step: no host synchronisation."""
+        return separated_loss(logits, targets, batch.valid, label_smoothing, per, batch.weight)
 
     def observe(self, index, valid, loss, correct):
         """Per-step hook: flat per-slot ``loss``/``correct`` of the samples just trained on."""
@@ -163,11 +177,19 @@ class _Mixing(Strategy):
         return ids[:half], ids[half : 2 * half], ids[2 * half :]
 
 
-class CutMix(_Mixing):
+class _SoftLabel(_Mixing):
+    """Naive mixing: one prediction per composite against the share-weighted soft label."""
+
+    separate = False
+
+    def loss(self, batch, logits, targets, label_smoothing: float = 0.0, per: str = "samples"):
+        return soft_label_loss(logits, targets, batch.share, batch.valid, label_smoothing), None
+
+
+class CutMix(_SoftLabel):
     """Naive mixing, CutMix-style: pair every sample, pool globally, area-weighted soft label."""
 
     name = "cutmix"
-    separate = False
 
     def plan_epoch(self, epoch, rng):
         if not self.mixing(epoch):
@@ -181,11 +203,10 @@ class CutMix(_Mixing):
         return plan.take(rng.permutation(plan.items))
 
 
-class MixUp(_Mixing):
+class MixUp(_SoftLabel):
     """Naive mixing, MixUp-style: pair every sample, blend the images, soft label."""
 
     name = "mixup"
-    separate = False
     blend = True
 
     def plan_epoch(self, epoch, rng):
@@ -293,7 +314,9 @@ class MixTrain(_Mixing):
         self.memory.load_state_dict(state["memory"])
 
 
-STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mixup": MixUp}
+from .infobatch import InfoBatch  # noqa: E402  (a strategy module of its own; it builds on the classes above)
+
+STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mixup": MixUp, "infobatch": InfoBatch}
 
 
 def create_strategy(method: str, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None) -> Strategy:

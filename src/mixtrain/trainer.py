@@ -32,7 +32,6 @@ from .compose import Normalizer
 from .distributed import resolve_device
 from .data import load_data
 from .errors import MixtrainError, out_of_memory
-from .loss import separated_loss, soft_label_loss
 from .models import adapt, create_model
 from .schedule import step_lrs
 from .strategies import MixOptions, create_strategy
@@ -446,6 +445,7 @@ class Trainer:
             strategy=self.strategy.state_dict(), num_train=self.data.num_train, slots=self.strategy.slots,
             grid=tuple(self.grid), epochs=self.cfg.epochs, batch_size=self.cfg.batch_size, world=self.dist.world,
             torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(self.device) if cuda else None,
+            prunes=self.strategy.prunes,
         )
         try:
             ckpt.check_state(state, expected)
@@ -573,10 +573,7 @@ class Trainer:
                     logits = logits[:, None]
             else:
                 logits = self.forward(x)
-        if s.separate:
-            loss, ce = separated_loss(logits, targets, batch.valid, self.cfg.label_smoothing, self.loss_per)
-        else:
-            loss = soft_label_loss(logits, targets, batch.share, batch.valid, self.cfg.label_smoothing)
+        loss, ce = s.loss(batch, logits, targets, self.cfg.label_smoothing, self.loss_per)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if scale == 1.0 else loss * scale).backward()
         if self.grad_stats is not None:  # on the device, no host sync (so also inside the CUDA graph)
@@ -588,7 +585,7 @@ class Trainer:
         self.optimizer.step()
         # the loss memory (only for strategies that use one), from the losses just computed when
         # they are the plain cross-entropy
-        plain = s.separate and self.cfg.label_smoothing == 0
+        plain = ce is not None and self.cfg.label_smoothing == 0
         s.record(batch, logits, targets, ce if plain else None)
         return loss.detach()
 
@@ -653,7 +650,11 @@ class Trainer:
             batches = EpochBatches(plan, cfg.batch_size, self.grid, self.device, aug_gen,
                                    self.dist.rank, self.dist.world, pad_rng, self.image_hw, self.augment,
                                    self.strategy.blend, self.data.source_size)
-            lrs = step_lrs(batches.global_samples, self.samples_seen - (partial or {}).get("samples", 0), total, cfg.lr, cfg.warmup)
+            # the schedule's position: every epoch advances it by the dataset's size, so an epoch that
+            # carries fewer samples (pruning) spreads the same stretch of the schedule over its steps;
+            # an epoch that carries all of them (every other strategy) advances it by its samples
+            stretch = n / max(1, plan.samples)
+            lrs = step_lrs(batches.global_samples * stretch, float(epoch * n), total, cfg.lr, cfg.warmup)
             # each step's loss goes into one device buffer: no host sync per step; read at the end
             # (and watched for non-finite values without blocking, see _FiniteWatch)
             step_loss = torch.zeros(len(batches), device=self.device)
@@ -724,6 +725,8 @@ class Trainer:
                 "mixed_fraction": plan.mixed_samples / n,
                 "lr_end": float(lrs[-1]),
             }
+            if self.strategy.prunes:
+                row["pruned_fraction"] = 1.0 - plan.samples / n
             if self.grad_stats is not None:  # this process's steps of the epoch (read after the sync above)
                 norm_sum, norm_max, clipped = self.grad_stats.tolist()
                 row.update(grad_norm_mean=norm_sum / max(1, len(batches) - first_step), grad_norm_max=norm_max,
