@@ -44,13 +44,13 @@ def check_two_constituents(model: SpatialModel, size: int, channels: int = 3, cl
     # so that dropout or batch statistics do not differ between the two computations)
     model.eval()
     with torch.no_grad():
-        grid = model.forward_features(x)  # [B, C, gh, gw]
+        grid = model.forward_features(x, masks)  # [B, C, gh, gw] (ViTs: of the separated composite)
         assert grid.shape[2:] == model.grid
         left = model.forward_head(grid[:, :, :, :cut].mean((2, 3)))
         right = model.forward_head(grid[:, :, :, cut:].mean((2, 3)))
         got = model(x, masks)
         plain = model(x)
-        whole = model.forward_head(grid.mean((2, 3)))
+        whole = model.forward_head(model.forward_features(x).mean((2, 3)))
     model.train()
     torch.testing.assert_close(got[:, 0], left, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[:, 1], right, rtol=1e-4, atol=1e-4)
@@ -153,7 +153,7 @@ def manual_vit_region_logits(vit, x, rows, cols):
 def test_vit_tiny_pools_each_regions_patch_tokens(axis):
     vit = create_model("vit_tiny", 10, 3, 32).eval()
     assert vit.num_prefix_tokens == 0 and not vit.has_class_token and vit.global_pool == "avg"
-    model = adapt(vit, 32)
+    model = adapt(vit, 32, separate_attention=False)  # region pooling only (--vit-separation pooling)
     x = torch.randn(2, 3, 32, 32)
     masks = split_masks(2, model.grid, 3, axis)  # 3 of 8 patch rows/columns, then 5
     with torch.no_grad():

@@ -91,8 +91,8 @@ def test_adapter_vit_tokens():
     torch.manual_seed(0)
     net = VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=7, embed_dim=16, depth=1,
                             num_heads=2, class_token=False, global_pool="avg").eval()
-    model = adapt(net, 32, 3)
-    assert model.tokens and model.grid == (8, 8)
+    model = adapt(net, 32, 3, separate_attention=False)  # region pooling only (the masked path: test_vit_separation.py)
+    assert model.tokens and model.grid == (8, 8) and not model.separates_attention
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), atol=1e-5, rtol=1e-5)

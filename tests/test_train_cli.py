@@ -179,7 +179,7 @@ def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config
     parser = build_parser()
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
     args = parser.parse_args([
-        "train", "--data", "npz:/x", "--model", "resnet18", "--method", "mixtrain", "--epochs", "7",
+        "train", "--data", "npz:/x", "--model", "resnet18", "--vit-separation", "pooling", "--method", "mixtrain", "--epochs", "7",
         "--batch-size", "16", "--seed", "3", "--device", "cpu", "--out", "o", "--lr", "0.3", "--warmup", "0.1",
         "--optimizer", "adamw", "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1", "--clip-grad", "3",
         "--precision", "fp32", "--channels-last", "off", "--compile", "--cuda-graph", "off", "--image-size", "64", "--cache-size", "72", "--cache-dir", "/c", "--placement", "host", "--pad", "2",

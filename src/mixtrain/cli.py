@@ -1,4 +1,4 @@
-"""Command line: ``mixtrain train | demo | prepare | show | bench | report``. Parses options, calls the library."""
+"""Command line: ``mixtrain train | demo | prepare | models | show | bench | report``. Parses options, calls the library."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     g = p.add_argument_group("run")
     g.add_argument("--data", default=d.data, help=f"dataset: {DATA_HELP}")
     g.add_argument("--model", default=d.model, help=f"model: auto (digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise); {MODEL_HELP}")
+    g.add_argument("--vit-separation", default=d.vit_separation, help="ViTs: attention (each constituent's tokens attend only to each other, with position embeddings for its own region: exactly as if alone) or pooling (region pooling only)")
     if not multi:
         g.add_argument("--method", default=d.method, help=f"training method: {METHODS}")
         g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (passes over the training set)")
@@ -96,38 +97,181 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
     r.add_argument("--save-checkpoints", type=_bool, default=d.save_checkpoints, metavar="on|off", help="write OUT/checkpoint.pt during training (needed for --resume)")
 
 
-def config_from_args(args, **override):
+# option dest -> MixOptions field, where the flag is not --field-name (--mix-rule sets mix.rule)
+MIX_DESTS = {"mix_rule": "rule", "mix_threshold": "threshold", "mix_fraction": "fraction", "mix_ratio": "ratio"}
+
+
+def args_as_config(args, only=None) -> dict:
+    """The training options in ``args`` as a dict in ``config.json``'s layout (mixing options under
+    ``mix``); ``only``: the option dests to take (None: every one ``args`` holds)."""
     from .strategies import MixOptions
     from .trainer import TrainConfig
 
-    mix = MixOptions(
-        warmup_epochs=args.warmup_epochs,
-        final_unmixed_epochs=args.final_unmixed_epochs,
-        rule=args.mix_rule,
-        confidence=args.confidence,
-        threshold=args.mix_threshold,
-        fraction=args.mix_fraction,
-        quad_confidence=args.quad_confidence,
-        ratio=args.mix_ratio,
-        min_share=args.min_share,
-        pairing=args.pairing,
-        pair_resize=args.pair_resize,
-        quad_resize=args.quad_resize,
-        loss_per=args.loss_per,
-        prune_ratio=args.prune_ratio,
-        prune_until=args.prune_until,
-    )
-    names = {f.name for f in fields(TrainConfig)} - {"mix"}
-    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    values.update(override)
-    return TrainConfig(mix=mix, **values)
+    def wanted(dest):
+        return hasattr(args, dest) and (only is None or dest in only)
+
+    out = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "mix" and wanted(f.name)}
+    dest = {field: d for d, field in MIX_DESTS.items()}
+    mix = {f.name: getattr(args, dest.get(f.name, f.name)) for f in fields(MixOptions) if wanted(dest.get(f.name, f.name))}
+    if mix:
+        out["mix"] = mix
+    return out
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s values over it (the ``mix`` options merged one by one)."""
+    out = {**base, **{k: v for k, v in top.items() if k != "mix"}}
+    if "mix" in top:
+        out["mix"] = {**base.get("mix", {}), **top["mix"]}
+    return out
+
+
+def config_from_args(args, **override):
+    """The :class:`~mixtrain.TrainConfig` of parsed ``train`` (or ``bench``) options, ``override`` on top."""
+    from .trainer import TrainConfig
+
+    return TrainConfig.from_dict({**args_as_config(args), **override})
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The dests of the options written on the command line ``argv`` (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func", "debug"}
+
+
+# written by mixtrain train into OUT; any of them means OUT holds a run
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json")
+# what --overwrite removes before the new run starts (so nothing of the old run outlives it)
+OVERWRITTEN = RUN_FILES + ("log.csv", "curves.png")
+# keys of config.json that describe the run (written by train) but are not options
+CONFIG_EXTRAS = ("resolved_model", "grid", "augment", "world_size")
+
+
+def read_config(path: str, flag: str = "--config") -> dict:
+    """A training configuration file -- a run's ``config.json``, or YAML with the same keys (mixing
+    options under ``mix``) -- as a dict of options, each checked against the option's type.
+    ``resume`` is never read from a file (give ``--resume``); the run-describing keys a
+    ``config.json`` also holds are skipped."""
+    import json
+
+    from .trainer import TrainConfig
+
+    where = f"{flag} {path}"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MixtrainError(f"{where}: no such file") from None
+    except OSError as e:
+        raise MixtrainError(f"{where}: cannot read it ({e.strerror or e})") from e
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise MixtrainError(f"{where}: reading YAML needs PyYAML (pip install pyyaml); or give a JSON config "
+                                "such as a run's config.json") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MixtrainError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MixtrainError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); YAML files "
+                                "must end in .yaml or .yml") from None
+    if not isinstance(d, dict):
+        raise MixtrainError(f"{where}: must hold a mapping of option names to values, not {type(d).__name__}")
+    defaults = TrainConfig().to_dict()
+    mix_defaults = defaults.pop("mix")
+    unknown = [k for k in d if k not in defaults and k not in CONFIG_EXTRAS and k != "mix"]
+    mix = d.get("mix", {})
+    if not isinstance(mix, dict):
+        raise MixtrainError(f"{where}: mix must hold a mapping of mixing options, not {type(mix).__name__}")
+    unknown += [f"mix.{k}" for k in mix if k not in mix_defaults]
+    if unknown:
+        raise MixtrainError(f"{where}: unknown option(s) {', '.join(unknown)} (the keys of a run's config.json; "
+                            f"mixing options under mix: {', '.join(mix_defaults)})")
+    out = {k: v for k, v in d.items() if k in defaults and k != "resume"}
+    for key, value in [*out.items(), *((f"mix.{k}", v) for k, v in mix.items())]:
+        ref = mix_defaults[key[4:]] if key.startswith("mix.") else defaults[key]
+        if isinstance(ref, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(ref, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(ref, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(ref))
+        if not ok:
+            raise MixtrainError(f"{where}: {key} should be {type(ref).__name__} (like its default {ref!r}), "
+                                f"got {value!r}")
+    if mix:
+        out["mix"] = dict(mix)
+    return out
+
+
+def train_config(args) -> "TrainConfig":
+    """The run ``mixtrain train`` starts, from the defaults, ``--config FILE``, the options on the
+    command line (they win), and with ``--resume`` the run's own ``OUT/config.json``: options given
+    besides it must match it or be ones a resumed run may change, else the run is refused naming
+    the differences. Without ``--resume``, an ``--out`` that holds a run is refused unless
+    ``--overwrite`` is given."""
+    from .trainer import RESUMABLE_CHANGES, TrainConfig, config_differences
+
+    given = given_options(args.argv)
+    stated = read_config(args.config) if args.config else {}  # the file ...
+    stated = _merged(stated, args_as_config(args, only=given))  # ... and the flags over it
+    stated.pop("resume", None)
+    defaults = TrainConfig().to_dict()
+    out = stated.get("out", defaults["out"])
+    if args.resume:
+        saved_path = os.path.join(out, "config.json")
+        if os.path.exists(saved_path):  # without it, the options as given (the checkpoint is checked anyway)
+            saved = TrainConfig.from_dict(_merged(defaults, read_config(saved_path, "--resume: the run's")))
+            cfg = TrainConfig.from_dict(_merged(saved.to_dict(), stated))
+            diff = config_differences(saved, cfg)
+            if diff:
+                may = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_CHANGES - {"out", "resume"}))
+                raise MixtrainError(
+                    f"cannot resume {out}: the command gives other options than the run's config.json "
+                    f"({'; '.join(diff)}). Leave them out to continue with the run's own, or train afresh into "
+                    f"another --out; a resumed run may change only {may}"
+                )
+            cfg.out, cfg.resume = out, True
+            return cfg
+    else:
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if held and not args.overwrite:
+            raise MixtrainError(
+                f"--out {out} holds a run ({', '.join(held)}): continue it with --resume, train into another --out, "
+                "or replace it with --overwrite"
+            )
+        if held and os.environ.get("RANK", "0") == "0":  # --overwrite: nothing of the old run outlives the new
+            for name in OVERWRITTEN:
+                try:
+                    os.remove(os.path.join(out, name))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise MixtrainError(f"--overwrite: cannot remove {os.path.join(out, name)} ({e.strerror or e})") from e
+    cfg = TrainConfig.from_dict(_merged(defaults, stated))
+    cfg.resume = bool(args.resume)
+    return cfg
 
 
 def cmd_train(args):
     from .show import write_curves
     from .trainer import train
 
-    m = train(config_from_args(args))
+    cfg = train_config(args)
+    args.out = cfg.out
+    m = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line and the curves, from rank 0
         return
     write_curves(args.out, m)  # OUT/curves.png; a failure to draw only warns
@@ -196,11 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=_version(), help="print the versions of mixtrain and torch and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one configuration and write OUT/metrics.json", formatter_class=fmt,
                        description="Train one model with one method; writes config.json, metrics.json and checkpoint.pt to --out.")
     add_train_options(t)
+    c = t.add_argument_group("configuration and output folder")
+    c.add_argument("--config", metavar="FILE", default=None,
+                   help="start from this configuration: a run's config.json, or YAML with the same keys (mixing options "
+                        "under mix:); options given on the command line override it")
+    c.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that holds a run, replacing its config.json, checkpoint.pt, metrics.json, "
+                        "log.csv and curves.png (without it such an --out is refused; --resume continues it)")
     add_debug_option(t)
     t.set_defaults(func=cmd_train)
 
@@ -229,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(pr)
     pr.set_defaults(func=cmd_prepare)
 
+    mo = sub.add_parser("models", help="list the built-in models with their feature grid at an image size",
+                        formatter_class=fmt,
+                        description="Every built-in --model with its final feature grid (the cells regions are cut "
+                                    "into), whether it can mix pairs and quads there, and its size. Built without "
+                                    "weights or memory (on PyTorch's meta device).")
+    mo.add_argument("names", nargs="*", metavar="MODEL", help="models to list (default: every built-in one; timm:NAME too)")
+    mo.add_argument("--image-size", type=int, default=0, help="image size in pixels (0: each model's own: 16 for digitnet, "
+                                                               "32 for small-image models, 224 for the *_224 ones)")
+    mo.add_argument("--channels", type=int, default=3, help="input channels (digitnet: 1 at its own size)")
+    add_debug_option(mo)
+    mo.set_defaults(func=cmd_models)
+
     from .show import add_show_command
 
     add_show_command(sub, fmt)
@@ -242,16 +406,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    import platform
+
+    from . import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch_version = "not installed"
+    return f"mixtrain {__version__} (torch {torch_version}, python {platform.python_version()})"
+
+
+def model_rows(names: list[str], image_size: int = 0, channels: int = 3) -> list[dict]:
+    """For each model name: its kind, image size, final feature grid, which tiers it can mix and
+    its parameter count, measured on PyTorch's meta device (no weights, no memory); a model that
+    cannot be built at that size gets the reason instead."""
+    import torch
+
+    from .models import MODELS, adapt, create_model
+
+    rows = []
+    for name in names or list(MODELS):
+        own = 16 if name == "digitnet" else 224 if name.endswith("_224") else 32
+        size = image_size or own
+        chans = 1 if name == "digitnet" and not image_size and channels == 3 else channels
+        kind = ("timm" if name.startswith("timm:") else "digits" if name == "digitnet"
+                else "ImageNet-style" if name.endswith("_224") else "small-image")
+        row = {"model": name, "kind": kind, "image_size": size, "channels": chans}
+        try:
+            with torch.device("meta"):
+                m = adapt(create_model(name, 10, chans, size), size, chans)
+        except MixtrainError as e:
+            row["error"] = str(e)
+        except Exception as e:  # a model that fails at this size for its own reasons
+            row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        else:
+            gh, gw = m.grid
+            row.update(grid=[gh, gw], pairs=gh >= 2 or gw >= 2, quads=gh >= 2 and gw >= 2,
+                       parameters=sum(p.numel() for p in m.parameters()))
+        rows.append(row)
+    return rows
+
+
+def cmd_models(args):
+    if args.image_size < 0 or args.channels < 1:
+        raise MixtrainError(f"--image-size must be >= 0 and --channels >= 1, got {args.image_size} and {args.channels}")
+    from .models import check_model_name
+
+    for name in args.names:
+        check_model_name(name)  # an unknown name is an error; one that cannot work at this size is a row
+    rows = model_rows(args.names, args.image_size, args.channels)
+    print(f"{'model':<18} {'kind':<15} {'image':>9} {'grid':>6}  {'mixes':<13} {'params':>8}")
+    for r in rows:
+        image = f"{r['image_size']}x{r['image_size']}" + (f"x{r['channels']}" if r["channels"] != 3 else "")
+        if "error" in r:
+            print(f"{r['model']:<18} {r['kind']:<15} {image:>9} {'-':>6}  cannot: {r['error']}")
+            continue
+        mixes = "pairs, quads" if r["quads"] else "pairs" if r["pairs"] else "no"
+        grid = f"{r['grid'][0]}x{r['grid'][1]}"
+        print(f"{r['model']:<18} {r['kind']:<15} {image:>9} {grid:>6}  {mixes:<13} {r['parameters'] / 1e6:>7.2f}M")
+    if not args.names:
+        print("timm:NAME: any timm model whose body is spatial (mixtrain models timm:NAME --image-size S measures one)")
+
+
 def _plain_warnings():
-    """Warnings about the user's files (skipped images) as one ``warning:`` line each."""
+    """mixtrain's warnings (a run that will never mix, clamped workers, skipped images) as one
+    ``warning:`` line each."""
     import warnings
 
-    from .folder_cache import CacheWarning
+    from .errors import MixtrainWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, CacheWarning):
+        if issubclass(category, MixtrainWarning):
             print(f"warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

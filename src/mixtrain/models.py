@@ -311,7 +311,7 @@ class SpatialModel(nn.Module):
     pooling each region then applying the head is checked to equal the model's own head.
     """
 
-    def __init__(self, model: nn.Module, image_size: tuple[int, int], in_chans: int):
+    def __init__(self, model: nn.Module, image_size: tuple[int, int], in_chans: int, separate_attention: bool = True):
         super().__init__()
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise MixtrainError(
@@ -323,9 +323,16 @@ class SpatialModel(nn.Module):
         self.layout = "NCHW"  # NCHW | NHWC | NLC (tokens)
         self.num_prefix_tokens = 0
         self.grid = self._probe(in_chans)
+        # ViTs: separation in the attention itself (see _separated_tokens), where the model allows it
+        self.separates_attention = bool(separate_attention) and self._can_mask_attention()
+        if self.separates_attention:
+            src = tuple(int(s) for s in self.model.patch_embed.grid_size)
+            self.register_buffer("_resample_y", _resampling_rows(src[0], self.grid[0]), persistent=False)
+            self.register_buffer("_resample_x", _resampling_rows(src[1], self.grid[1]), persistent=False)
 
     @property
     def tokens(self) -> bool:
+        """Whether the body gives tokens (a ViT) rather than a feature map."""
         return self.layout == "NLC"
 
     # -- construction -----------------------------------------------------------------------
@@ -428,6 +435,74 @@ class SpatialModel(nn.Module):
                 "Build it with global_pool='avg' and no class token"
             )
 
+    def _can_mask_attention(self) -> bool:
+        """A timm-style ViT whose blocks take an attention mask, with an absolute position
+        embedding on its patch grid and no prefix tokens: the composite can then be separated
+        exactly into its constituents (one sequence, block-diagonal attention)."""
+        import inspect
+
+        m = self.model
+        if self.layout != "NLC" or self.num_prefix_tokens:
+            return False
+        pos, blocks, embed = getattr(m, "pos_embed", None), getattr(m, "blocks", None), getattr(m, "patch_embed", None)
+        grid = getattr(embed, "grid_size", None)
+        if not isinstance(pos, torch.Tensor) or blocks is None or grid is None or len(blocks) == 0:
+            return False
+        if getattr(m, "cls_token", None) is not None or getattr(m, "reg_token", None) is not None:
+            return False
+        if pos.ndim != 3 or pos.shape[1] != int(grid[0]) * int(grid[1]):
+            return False
+        if not all(hasattr(m, a) for a in ("pos_drop", "norm_pre", "norm")):
+            return False
+        if not isinstance(getattr(m, "patch_drop", nn.Identity()), nn.Identity):
+            return False  # patch dropout removes tokens: the layout would no longer hold
+        try:
+            return all("attn_mask" in inspect.signature(type(b).forward).parameters for b in blocks)
+        except (TypeError, ValueError):
+            return False
+
+    def _separated_tokens(self, x: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
+        """The ViT body on composites with every constituent kept apart: ``[B, N, C]`` tokens.
+
+        Each token belongs to the region (slot) that holds it (``pool_masks > 0``); it attends
+        only to tokens of the same region (a block-diagonal boolean mask, never an empty row: a
+        token always sees itself), and its position embedding is the model's own resampled to
+        its region's token grid (timm's bicubic, antialiased resampling, done as two 1-D linear
+        maps per token). A region of h x w tokens is then computed exactly as that constituent
+        alone at an h x w token grid; fixed shapes, no host synchronisation.
+        """
+        m = self.model
+        t = m.patch_embed(x)
+        if t.ndim == 4:  # NHWC patch grid (dynamic image size)
+            t = t.flatten(1, 2)
+        b, n, c = t.shape
+        gh, gw = self.grid
+        k = pool_masks.shape[1]
+        present = pool_masks > 0  # [B, K, gh, gw]
+        slot = torch.arange(k, device=x.device).view(1, k, 1, 1)
+        owner = torch.where(present, slot, k).amin(1)  # [B, gh, gw]; k: no region (its own group)
+        rows, cols = present.any(3), present.any(2)  # [B, K, gh], [B, K, gw]
+        heights = torch.cat([rows.sum(2), rows.new_full((b, 1), gh, dtype=torch.long)], 1)  # [B, K + 1]
+        widths = torch.cat([cols.sum(2), cols.new_full((b, 1), gw, dtype=torch.long)], 1)
+        top = torch.cat([rows.to(torch.uint8).argmax(2), rows.new_zeros((b, 1), dtype=torch.long)], 1)
+        left = torch.cat([cols.to(torch.uint8).argmax(2), cols.new_zeros((b, 1), dtype=torch.long)], 1)
+        own = owner.flatten(1)  # [B, N]
+        ys = torch.arange(gh, device=x.device).view(1, gh, 1).expand(b, gh, gw).flatten(1)
+        xs = torch.arange(gw, device=x.device).view(1, 1, gw).expand(b, gh, gw).flatten(1)
+        h_tok, w_tok = heights.gather(1, own), widths.gather(1, own)
+        r_tok = (ys - top.gather(1, own)).clamp_min(0)
+        c_tok = (xs - left.gather(1, own)).clamp_min(0)
+        wy = self._resample_y[h_tok, r_tok]  # [B, N, gh0]
+        wx = self._resample_x[w_tok, c_tok]  # [B, N, gw0]
+        gh0, gw0 = wy.shape[-1], wx.shape[-1]
+        pos = m.pos_embed.reshape(gh0, gw0, c)
+        t = t + torch.einsum("bni,bnj,ijc->bnc", wy.to(pos.dtype), wx.to(pos.dtype), pos).to(t.dtype)
+        t = m.norm_pre(m.pos_drop(t))
+        mask = (own[:, :, None] == own[:, None, :])[:, None]  # [B, 1, N, N]: True = may attend
+        for blk in m.blocks:
+            t = blk(t, attn_mask=mask)
+        return m.norm(t)
+
     # -- forward ------------------------------------------------------------------------------
 
     def _patch_tokens(self, f):
@@ -452,9 +527,13 @@ class SpatialModel(nn.Module):
             t = pooled[:, :, None, None]
         return self.model.forward_head(t, pre_logits=True) if pre_logits else self.model.forward_head(t)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The body's output as a grid ``[B, C, h, w]`` (patch tokens laid on their patch grid)."""
-        f = self.model.forward_features(x)
+    def forward_features(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's output as a grid ``[B, C, h, w]`` (patch tokens laid on their patch grid).
+        With ``pool_masks`` and attention separation, the tokens of the separated composite."""
+        if pool_masks is not None and self.separates_attention:
+            f = self._separated_tokens(x, pool_masks)
+        else:
+            f = self.model.forward_features(x)
         if self.layout == "NLC":
             f = self._patch_tokens(f)
             b, n, c = f.shape
@@ -477,9 +556,9 @@ class SpatialModel(nn.Module):
         return region_pool(f, m)
 
     def forward(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None) -> torch.Tensor:
-        f = self.model.forward_features(x)
         if pool_masks is None:
-            return self.model.forward_head(f)  # the model's own pooling (checked to be the average)
+            return self.model.forward_head(self.model.forward_features(x))  # the model's own pooling (checked to be the average)
+        f = self._separated_tokens(x, pool_masks) if self.separates_attention else self.model.forward_features(x)
         pooled = self.region_pool(f, pool_masks)
         b, k, c = pooled.shape
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
@@ -494,12 +573,36 @@ def region_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tenso
     return torch.einsum("bchw,bkhw->bkc", features, pool_masks.to(features.dtype))
 
 
-def adapt(model: nn.Module, image_size: int | tuple[int, int], in_chans: int = 3) -> SpatialModel:
+def _resampling_rows(src: int, max_dst: int) -> torch.Tensor:
+    """``[max_dst + 1, max_dst, src]``: entry ``[d, r]`` is the weights over ``src`` positions that
+    timm's position-embedding resampling (bicubic, antialiased) gives output position ``r`` of a
+    ``d``-long axis. That 2-D resampling is separable, so a token's embedding at a region of
+    h x w tokens is ``sum_ij Y[h, r, i] X[w, c, j] P[i, j]``."""
+    import torch.nn.functional as F
+
+    out = torch.zeros(max_dst + 1, max_dst, src)
+    # each basis vector as a 1 x src image, resampled along its width (the same 1-D kernel as along
+    # the height; a width-1 image resampled along its height does not give it)
+    eye = torch.eye(src).view(src, 1, 1, src)
+    for d in range(1, max_dst + 1):
+        if d == src:
+            out[d, :d] = torch.eye(src)  # timm keeps the embedding unchanged at its own size
+            continue
+        r = F.interpolate(eye, size=(1, d), mode="bicubic", antialias=True, align_corners=False)
+        out[d, :d] = r.view(src, d).T
+    return out
+
+
+def adapt(model: nn.Module, image_size: int | tuple[int, int], in_chans: int = 3,
+          separate_attention: bool = True) -> SpatialModel:
     """Wrap any model that has timm's ``forward_features``/``forward_head`` for mixtrain.
 
     Raises :class:`MixtrainError` if the body's output is not spatial or the head does not average it.
-    The final feature grid is ``adapt(...).grid``.
+    The final feature grid is ``adapt(...).grid``. ``separate_attention``: for ViTs that allow it
+    (timm-style blocks taking an attention mask, an absolute position embedding, no class or
+    register tokens), composites are separated in the attention itself, so each constituent is
+    computed exactly as if alone at its region's token grid (``adapt(...).separates_attention``).
     """
     if isinstance(model, SpatialModel):
         return model
-    return SpatialModel(model, _pair(image_size), in_chans)
+    return SpatialModel(model, _pair(image_size), in_chans, separate_attention)

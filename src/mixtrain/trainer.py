@@ -46,6 +46,7 @@ class TrainConfig:
 
     data: str = "digits"
     model: str = "auto"  # auto: digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise
+    vit_separation: str = "attention"  # ViTs: attention (each constituent attends to its own tokens) | pooling (region pooling only)
     method: str = "baseline"
     epochs: int = 30
     batch_size: int = 512
@@ -83,6 +84,7 @@ class TrainConfig:
     mix: MixOptions = field(default_factory=MixOptions)
 
     def resolved_model(self) -> str:
+        """The model ``auto`` stands for with this data (or the model named)."""
         if self.model != "auto":
             return self.model
         if self.data == "digits":
@@ -93,16 +95,19 @@ class TrainConfig:
         return "resnet18"
 
     def to_dict(self) -> dict:
+        """Every option as plain data (``config.json``'s layout: mixing options under ``mix``)."""
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
+        """The config of a :meth:`to_dict` dict (keys it does not know are ignored)."""
         d = dict(d)
         mix = MixOptions(**d.pop("mix", {}))
         names = {f.name for f in fields(TrainConfig)}
         return TrainConfig(mix=mix, **{k: v for k, v in d.items() if k in names})
 
     def check(self):
+        """Raise :class:`MixtrainError` naming the first option out of its range (before any data loads)."""
         if self.epochs < 1:
             raise MixtrainError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -138,6 +143,8 @@ class TrainConfig:
             raise MixtrainError(f"--warmup is a fraction of all samples and must be in [0, 1], got {self.warmup}")
         if self.pad < -1:
             raise MixtrainError(f"--pad must be >= 0, or -1 for image size / 8, got {self.pad}")
+        if self.vit_separation not in ("attention", "pooling"):
+            raise MixtrainError(f"--vit-separation must be attention or pooling, got {self.vit_separation!r}")
         if self.placement not in ("auto", "device", "host"):
             raise MixtrainError(f"--placement must be auto, device or host, got {self.placement!r}")
         if self.cache_size < 0:
@@ -353,7 +360,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # model initialisation (the trainer owns this process)
         net = create_model(cfg.resolved_model(), self.data.num_classes, self.data.channels, self.image_hw)
-        self.model = adapt(net, self.image_hw, self.data.channels).to(self.device)
+        self.model = adapt(net, self.image_hw, self.data.channels,
+                           separate_attention=cfg.vit_separation == "attention").to(self.device)
         if self.device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.grid = self.model.grid
@@ -387,6 +395,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.samples_seen = 0
         self.log: list[dict] = []
+        self.wall_before, self.fit_started = 0.0, None  # wall seconds of earlier processes of this run; fit's start
         self.partial = None  # mid-epoch state when resuming from a step checkpoint
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
         self.checkpoints = ckpt.CheckpointWriter()  # writes in a background thread
@@ -416,6 +425,7 @@ class Trainer:
             # The epoch's plan/padding/augmentation generators are re-derived from (seed, epoch,
             # rank) and need no saving; the global generators (dropout, drop-path) do.
             "torch_rng": torch.get_rng_state(),
+            "wall_seconds": self.wall_before + (time.perf_counter() - self.fit_started if self.fit_started else 0.0),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
@@ -470,6 +480,9 @@ class Trainer:
         self.step_in_epoch = state["step_in_epoch"]
         self.samples_seen = state["samples_seen"]
         self.log = [dict(row) for row in state["log"]]
+        # the run's wall time so far (checkpoints before it was saved: at least its training time)
+        wall = state.get("wall_seconds")
+        self.wall_before = float(wall) if wall is not None else float(sum(row["seconds"] for row in self.log))
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and cuda:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -601,7 +614,8 @@ class Trainer:
         return plan_rng, pad_rng, aug
 
     def fit(self) -> dict:
-        started = time.perf_counter()
+        """Train (or continue) the run; returns the metrics also written to ``OUT/metrics.json``."""
+        started = self.fit_started = time.perf_counter()
         try:
             return self._fit(started)
         except BaseException as e:
@@ -767,8 +781,9 @@ class Trainer:
             "samples": sum(r["samples"] for r in self.log),
             "train_seconds": sum(r["seconds"] for r in self.log),
             "eval_seconds": eval_seconds,
-            # everything this process spent in fit: training, evaluation, checkpoints, logs
-            "wall_seconds": time.perf_counter() - started,
+            # everything fit spent, in this process and the earlier ones of a resumed run: training,
+            # evaluation, checkpoints, logs
+            "wall_seconds": self.wall_before + time.perf_counter() - started,
             "test_accuracy": acc,
             "test_samples": self.test_samples,
             "grid": list(self.grid),
@@ -779,7 +794,10 @@ class Trainer:
         }
         metrics["pass_speedup"] = metrics["samples"] / max(1, metrics["passes"])
         if self.is_main:
-            _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+            try:
+                _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+            except OSError as e:
+                raise MixtrainError(f"cannot write {os.path.join(cfg.out, 'metrics.json')}: {e.strerror or e}") from e
         writers.close(metrics)
         return metrics
 
