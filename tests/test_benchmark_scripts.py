@@ -175,3 +175,13 @@ def test_oom_check_smoke(tmp_path):
     assert "--eval-batch-size 64" in row["command"] and "npz:" in row["command"]
     table = (tmp_path / "oom_check.md").read_text()
     assert "| eval | 0 | 0 | no | no |" in table and "benchmarks/oom_check.py --smoke" in table
+
+
+def test_vit_mask_cost_smoke(tmp_path):
+    bench = load_script("vit_mask_cost")
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "vit_mask_cost.json").read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "vit_tiny" and row["pooling_ms"] > 0 and row["attention_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["attention_ms"] / row["pooling_ms"])
+    assert "| vit_tiny | 16 |" in (tmp_path / "vit_mask_cost.md").read_text()
