@@ -170,12 +170,12 @@ def _mutations(state):
 
     def deletable(name):
         last = name.rsplit(".", 1)[-1]
-        return (name in ("world_size", "cuda_rng", "partial.grad_stats") or name.startswith("optimizer.state[")
+        return (name in ("world_size", "cuda_rng", "partial.grad_stats", "wall_seconds") or name.startswith("optimizer.state[")
                 or (".param_groups[" in name and last in filled_in)
                 or (name.startswith("log[") and last not in ckpt.LOG_KEYS))
 
     def none_ok(name):
-        return (name in ("cuda_rng", "partial.grad_stats") or name.rsplit(".", 1)[-1] in overridden
+        return (name in ("cuda_rng", "partial.grad_stats", "wall_seconds") or name.rsplit(".", 1)[-1] in overridden
                 or (name.startswith("optimizer.state[") and name.count(".") == 2))  # a buffer not yet made
 
     def visit(obj, name):

@@ -74,7 +74,7 @@ def test_host_stream_delivers_each_slots_image_in_plan_order(tmp_path, threads):
     # four slots per item but only pairs: slots 2 and 3 are empty and must cost no load
     plan = all_mixed_plan(data.num_train, grid, slots4=True)
     assert plan.slots == 4 and plan.items == 15
-    batches = EpochBatches(plan, 4, grid, torch.device("cpu"), torch.Generator().manual_seed(0))
+    batches = EpochBatches(plan, 4, grid, torch.device("cpu"), torch.Generator().manual_seed(0), data=data)
     assert len(batches) == 4  # 15 pairs padded to 16 items
     stream = HostStream(data.train_x, batches, torch.device("cpu"), threads=threads)
     assert (stream.pool is None) == (threads == 1)
@@ -102,7 +102,7 @@ def test_host_stream_resumes_mid_epoch_and_refuses_out_of_order_reads(tmp_path):
     data = load_data(f"folder:{root}", image_size=8, workers=1, placement="host").to("cpu")
     values = _value_of_row(data)
     plan = all_mixed_plan(data.num_train, (2, 2))
-    batches = EpochBatches(plan, 2, (2, 2), torch.device("cpu"), torch.Generator().manual_seed(0))
+    batches = EpochBatches(plan, 2, (2, 2), torch.device("cpu"), torch.Generator().manual_seed(0), data=data)
     stream = HostStream(data.train_x, batches, torch.device("cpu"), start=2)
     with pytest.raises(RuntimeError, match="out of order"):
         stream.get(0)

@@ -50,7 +50,7 @@ def test_shards_cover_the_plan_once_with_fixed_shapes(world):
     n, batch = 101, 8
     plan = mixed_plan(n, 30)
     shards = [EpochBatches(plan, batch, GRID, "cpu", torch.Generator().manual_seed(r), r, world,
-                           np.random.default_rng(7)) for r in range(world)]
+                           np.random.default_rng(7), (32, 32), mixtrain.Augment()) for r in range(world)]
     ids = np.concatenate([s.plan.index[s.plan.valid] for s in shards])
     assert len(ids) == n and np.array_equal(np.sort(ids), np.arange(n))  # every sample once
     assert np.array_equal(np.sort(ids), np.sort(plan.index[plan.valid]))
@@ -73,7 +73,8 @@ def test_loss_scale_makes_the_rank_average_the_global_mean():
     n, batch, world = 90, 8, 3
     plan = mixed_plan(n, 35, seed=1)
     per_sample = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    shards = [EpochBatches(plan, batch, GRID, "cpu", None, r, world, np.random.default_rng(3)) for r in range(world)]
+    shards = [EpochBatches(plan, batch, GRID, "cpu", None, r, world, np.random.default_rng(3), (16, 16),
+                           mixtrain.Augment()) for r in range(world)]
     for j in range(len(shards[0])):
         rank_terms, all_ids = [], []
         for s in shards:
@@ -85,7 +86,7 @@ def test_loss_scale_makes_the_rank_average_the_global_mean():
         ids = torch.cat(all_ids)
         assert torch.allclose(sum(rank_terms) / world, per_sample[ids].mean())
     # one process: no rescaling at all
-    single = EpochBatches(plan, batch, GRID, "cpu")
+    single = EpochBatches(plan, batch, GRID, "cpu", image_size=(16, 16), augment=mixtrain.Augment())
     assert all(single.loss_scale(j) == 1.0 for j in range(len(single)))
 
 

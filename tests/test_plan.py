@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixtrain import Baseline, EpochBatches, MixOptions, MixTrain, MixtrainError, choose_mixed, create_strategy
+from mixtrain import Augment, Baseline, EpochBatches, MixOptions, MixTrain, MixtrainError, choose_mixed, create_strategy
 from mixtrain import plan as P
 
 GRID = (4, 4)
@@ -255,7 +255,8 @@ def test_padding_and_sharding_keep_each_sample_once(batch, world):
     # the batches every rank iterates agree with the shards, and count the global samples
     seen = []
     for r in range(world):
-        eb = EpochBatches(plan, batch, GRID, "cpu", torch.Generator().manual_seed(r), r, world, _rng(9))
+        eb = EpochBatches(plan, batch, GRID, "cpu", torch.Generator().manual_seed(r), r, world, _rng(9),
+                          image_size=(16, 16), augment=Augment())
         assert len(eb) == full.items // (batch * world)
         for b in eb:
             assert b.index.shape == (batch, plan.slots)  # fixed shapes, the last batch too

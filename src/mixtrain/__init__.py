@@ -1,10 +1,15 @@
 """mixtrain: faster image-classifier training by input mixing (the MixTrain method).
 
-Public API for use in one's own training loop::
+Public API for use in one's own training loop. With the data resident as one uint8 tensor::
 
     from mixtrain import MixTrain, adapt, EpochBatches, Normalizer, Augment, separated_loss, sample_stats
 
-See the README for a complete loop in a few lines.
+With a map-style ``Dataset`` and your own transforms in a ``DataLoader``::
+
+    from mixtrain import Mixer, adapt      # mixer.sampler, mixer.compose(images, labels), mixer.loss(logits, step)
+
+In PyTorch Lightning: ``mixtrain.integrations.lightning.MixTrainCallback``. See the README for a
+complete loop of each kind in a few lines.
 """
 
 __version__ = "0.1.0"
@@ -12,7 +17,8 @@ __version__ = "0.1.0"
 from .batches import Batch, EpochBatches
 from .compose import Augment, Normalizer, compose, pool_masks
 from .data import load_data
-from .errors import MixtrainError
+from .errors import MixtrainError, MixtrainWarning
+from .loader import Mixer, MixSampler, MixStep
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
 from .models import SpatialModel, adapt, create_model, region_pool
@@ -29,9 +35,13 @@ __all__ = [
     "EpochPlan",
     "LossMemory",
     "MixOptions",
+    "MixSampler",
+    "MixStep",
     "MixTrain",
     "MixUp",
+    "Mixer",
     "MixtrainError",
+    "MixtrainWarning",
     "Normalizer",
     "SpatialModel",
     "Strategy",

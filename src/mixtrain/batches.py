@@ -14,11 +14,26 @@ import numpy as np
 import torch
 
 from .compose import Augment, Geometry, Normalizer, compose_from, geometry, rand_width
+from .errors import MixtrainError
 from .plan import EpochPlan
 
 
 @dataclass
 class Batch:
+    """One step of an :class:`EpochBatches`: ``B`` plan items (passes) of up to ``K`` slots each.
+
+    Fields: ``index [B, K]`` each slot's sample id; ``valid [B, K]`` whether the slot carries a
+    sample to train on (empty slots and padding items do not); ``share [B, K]`` its share of the
+    composite (area fraction, or blend weight for MixUp); ``geo`` the per-slot sampling transforms,
+    region and pooling weights; ``samples`` the samples this step carries (a host int from the
+    plan); ``single`` whether every item is one whole image (K = 1, no blending); ``weight [B, K]``
+    each slot's weight in the loss (``None``: 1); ``source_size`` the (H, W) of the images
+    :meth:`compose` reads (``None``: not checked).
+
+    >>> for batch in batches:                                            # doctest: +SKIP
+    ...     logits = model(batch.compose(data.train_x, normalize), batch.pool_masks())
+    """
+
     index: torch.Tensor  # [B, K] sample ids
     valid: torch.Tensor  # [B, K] bool: the slot carries a sample to train on
     share: torch.Tensor  # [B, K] share of the composite (soft-label weight)
@@ -26,9 +41,17 @@ class Batch:
     samples: int  # samples this batch carries (host int, known from the plan)
     single: bool  # every item is one whole image (K = 1, no blending)
     weight: torch.Tensor | None = None  # [B, K] each slot's weight in the loss (None: 1)
+    source_size: tuple[int, int] | None = None  # (H, W) of the images compose() reads; None: unchecked
 
     def compose(self, images: torch.Tensor, normalize: Normalizer, src: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's images ``[B, C, H, W]`` from uint8 ``images`` indexed by sample id (or by ``src``)."""
+        if self.source_size is not None and tuple(images.shape[-2:]) != self.source_size:
+            h, w = images.shape[-2:]
+            raise MixtrainError(
+                f"the images are {h}x{w} but these batches were laid out for {self.source_size[0]}x"
+                f"{self.source_size[1]} images: give EpochBatches the data's image_size (and src_size for stored "
+                "images of another size), or data= the data source"
+            )
         return compose_from(images, self.index if src is None else src, self.geo, normalize, self.single)
 
     def pool_masks(self) -> torch.Tensor:
@@ -46,6 +69,14 @@ class EpochBatches:
     The plan is padded to whole global batches (``batch_size * world``); with ``world > 1`` this
     rank keeps its share of each. ``generator`` (a CPU ``torch.Generator``) draws the augmentation
     randoms, so the numbers are the same on every device and a resumed epoch redraws them exactly.
+
+    ``image_size`` (the training resolution, (H, W)) and ``augment`` (:class:`~mixtrain.Augment`)
+    have no defaults: give them, or ``data=`` a data source (:func:`mixtrain.load_data`) whose
+    ``image_size``, ``default_augment()`` and ``source_size`` fill whichever is not given.
+    ``src_size``: the stored images' size when it differs from ``image_size`` (folder caches).
+
+    >>> batches = EpochBatches(plan, 64, model.grid, "cpu", torch.Generator().manual_seed(epoch),
+    ...                        data=data)                                 # doctest: +SKIP
     """
 
     def __init__(
@@ -58,11 +89,23 @@ class EpochBatches:
         rank: int = 0,
         world: int = 1,
         pad_rng: np.random.Generator | None = None,
-        image_size: tuple[int, int] = (32, 32),
-        augment: Augment = Augment(),
+        image_size: tuple[int, int] | None = None,
+        augment: Augment | None = None,
         blend: bool = False,
         src_size: tuple[int, int] | None = None,
+        data=None,
     ):
+        if data is not None:
+            image_size = data.image_size if image_size is None else image_size
+            augment = data.default_augment() if augment is None else augment
+            src_size = data.source_size if src_size is None else src_size
+        if image_size is None or augment is None:
+            missing = " and ".join(n for n, v in (("image_size", image_size), ("augment", augment)) if v is None)
+            raise MixtrainError(
+                f"EpochBatches needs {missing}: the training image size (H, W) and the augmentation "
+                "(mixtrain.Augment(pad=..., flip=...)), or data= a data source to take them from"
+            )
+        image_size = (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(int(v) for v in image_size)
         pad_rng = pad_rng or np.random.default_rng(0)
         full = plan.padded(batch_size * world, pad_rng, grid)
         self.world = world
@@ -86,6 +129,7 @@ class EpochBatches:
         rand = rand.to(device, non_blocking=True)
         self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend,
                             tuple(src_size) if src_size else None)
+        self.source_size = tuple(int(v) for v in (src_size or image_size))  # what compose() must be given
 
     def __len__(self):
         return self.num_batches
@@ -104,8 +148,9 @@ class EpochBatches:
         return float(local[j]) * self.world / max(1, int(total[j]))
 
     def batch(self, j: int) -> Batch:
+        """Step ``j`` of this process (slices of the epoch's tensors; nothing is copied)."""
         return Batch(self.index[j], self.valid[j], self.share[j], self.geo[j], int(self.local_samples[j]), self.single,
-                     self.weight[j])
+                     self.weight[j], self.source_size)
 
     def __iter__(self):
         for j in range(self.num_batches):

@@ -362,6 +362,8 @@ def check_state(state: dict, e: Expected):
         for k, v in row.items():
             need_number(v, sub(f"log[{i}]", k))
     need_tensor(state["torch_rng"], "torch_rng", e.torch_rng.shape, e.torch_rng.dtype)
+    if state.get("wall_seconds") is not None:  # absent before this field existed
+        need_number(state["wall_seconds"], "wall_seconds", 0)
     cuda_rng = state.get("cuda_rng")
     if e.cuda_rng is not None and cuda_rng is not None:
         need_tensor(cuda_rng, "cuda_rng", e.cuda_rng.shape, e.cuda_rng.dtype)

@@ -1,4 +1,7 @@
-"""The one exception type that reaches users as a plain message instead of a traceback."""
+"""The one exception type that reaches users as a plain message instead of a traceback, and the
+one warning type for settings that work but probably not as meant."""
+
+import warnings
 
 _WORKER_MARKER = "Caught MixtrainError in DataLoader worker"
 
@@ -26,6 +29,19 @@ class MixtrainError(Exception):
                 self.worker_traceback = text
                 message = text[at + len(marker) :].strip()
         super().__init__(message, *args)
+
+
+class MixtrainWarning(UserWarning):
+    """A setting that runs but probably not as meant: a run that will never mix, more workers than
+    CPU cores, a mixing epoch planned from an empty loss memory, a skipped file. The CLI prints it
+    as one ``warning:`` line; in Python it is an ordinary warning (``warnings.simplefilter("error",
+    MixtrainWarning)`` turns it into an exception)."""
+
+
+def notice(message: str, stacklevel: int = 2):
+    """Warn the user with a :class:`MixtrainWarning` (``stacklevel`` as for ``warnings.warn``, counted
+    from the caller)."""
+    warnings.warn(message, MixtrainWarning, stacklevel=stacklevel + 1)
 
 
 _OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")

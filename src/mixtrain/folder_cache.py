@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MixtrainError
+from .errors import MixtrainError, MixtrainWarning, notice
 
 CACHE_VERSION = 1
 CACHE_ENV = "MIXTRAIN_CACHE"
@@ -51,7 +51,7 @@ SPLITS = ("train", "val")
 POLICY = "shorter side to S (antialiased), centre crop S x S"
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(MixtrainWarning):
     """A file of the folder was skipped or ignored while preparing its cache."""
 
 
@@ -229,6 +229,25 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+_CLAMP_SAID: set = set()
+
+
+def decoding_workers(workers: int) -> int:
+    """Decoding processes for ``workers`` (``--workers``): 0 means all CPU cores, and more than the
+    cores is clamped to them -- extra processes only compete for the same cores -- with one notice
+    per process and value."""
+    cores = _cpu_count()
+    if workers <= 0:
+        return cores
+    if workers > cores:
+        if workers not in _CLAMP_SAID:
+            _CLAMP_SAID.add(workers)
+            notice(f"--workers {workers}: this machine gives the process {cores} CPU core(s); "
+                   f"decoding with {cores} process(es)", stacklevel=3)
+        return cores
+    return workers
+
+
 # ----------------------------------------------------------------------------------------------
 # the cache
 
@@ -400,7 +419,7 @@ def build(
             f"the folder cache needs {need / 1e9:.2f} GB ({total:,} images of 3x{size}x{size}) but "
             f"{os.path.dirname(path)} has {free / 1e9:.2f} GB free; choose another place with --cache-dir"
         )
-    workers = _cpu_count() if workers <= 0 else workers
+    workers = decoding_workers(workers)
     tmp = f"{path}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()

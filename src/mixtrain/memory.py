@@ -50,7 +50,14 @@ class LossMemory:
         hit = payload[2] > 0
         self.loss = torch.where(hit, payload[0], self.loss)
         self.correct = torch.where(hit, payload[1] > 0, self.correct)
+        # the scratch slot holds whatever each rank's empty slots last wrote: the same on every rank
+        self.loss[-1], self.correct[-1] = 0.0, False
         self.touched.zero_()
+
+    def to(self, device) -> "LossMemory":
+        """Move the memory to ``device`` (where the logits it records are); returns itself."""
+        self.loss, self.correct, self.touched = (t.to(device) for t in (self.loss, self.correct, self.touched))
+        return self
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of (loss, correct) for the real samples: one device-to-host copy."""
@@ -58,6 +65,7 @@ class LossMemory:
         return self.loss[:n].cpu().numpy(), self.correct[:n].cpu().numpy()
 
     def state_dict(self) -> dict:
+        """Host copies of the losses and correctness flags (tensors only)."""
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu()}
 
     def load_state_dict(self, state: dict):

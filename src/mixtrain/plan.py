@@ -35,10 +35,12 @@ class EpochPlan:
 
     @property
     def items(self) -> int:
+        """Items (rows) of the plan: passes, padding included."""
         return int(self.index.shape[0])
 
     @property
     def slots(self) -> int:
+        """K: the most samples an item can carry."""
         return int(self.index.shape[1])
 
     @property
@@ -48,23 +50,28 @@ class EpochPlan:
 
     @property
     def samples(self) -> int:
+        """Samples the plan trains on (every slot that carries one)."""
         return int(self.valid.sum())
 
     @property
     def mixed_samples(self) -> int:
+        """Samples that share their pass with others."""
         counts = self.valid.sum(1)
         return int(counts[counts > 1].sum())
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The plan's columns by name (``index``, ``valid``, ``box``, ...)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def take(self, rows) -> "EpochPlan":
+        """The plan's items ``rows`` (indices), in that order."""
         # np.take along rows is several times faster than fancy indexing here (planning is host
         # time per epoch, while the GPU waits)
         return EpochPlan(**{k: np.take(v, rows, axis=0) for k, v in self.arrays().items()})
 
     @staticmethod
     def concat(plans: list["EpochPlan"]) -> "EpochPlan":
+        """One plan of the items of ``plans``, in order."""
         return EpochPlan(**{f.name: np.concatenate([getattr(p, f.name) for p in plans]) for f in fields(EpochPlan)})
 
     def padded(self, multiple: int, rng: np.random.Generator, grid: tuple[int, int]) -> "EpochPlan":
@@ -90,6 +97,7 @@ class EpochPlan:
         return self.take(rows)
 
     def to_torch(self, device) -> dict[str, torch.Tensor]:
+        """The plan's columns as tensors on ``device``."""
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in self.arrays().items()}
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import plan as P
-from .errors import MixtrainError
+from .errors import MixtrainError, notice
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
 
@@ -46,6 +46,7 @@ class MixOptions:
     prune_until: float = 0.875  # infobatch: prune in the epochs before this fraction of the schedule, then use all data
 
     def check(self):
+        """Raise :class:`MixtrainError` naming the first option out of its range."""
         if self.rule not in ("auto", "threshold", "fraction", "all"):
             raise MixtrainError(f"unknown mix rule {self.rule!r} (auto, threshold, fraction, all)")
         if self.ratio not in ("adaptive", "fixed"):
@@ -102,9 +103,16 @@ class Strategy:
         self.device = device
 
     def mixing(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) mixes samples (never, for the baseline)."""
         return False
 
     def plan_epoch(self, epoch: int, rng: np.random.Generator) -> P.EpochPlan:
+        """The plan of ``epoch`` (0-based): which samples each pass carries, in which regions, in
+        what order. A pure function of the strategy's state (its loss memory) and ``rng``: give
+        every process the same seeded generator and they plan the same epoch.
+
+        >>> plan = method.plan_epoch(epoch, np.random.default_rng([seed, epoch]))  # doctest: +SKIP
+        """
         ids = rng.permutation(self.num_samples)
         return P.singles(ids, self.slots, self.grid)
 
@@ -141,13 +149,19 @@ class Strategy:
         """Merge what the ranks observed since the last merge (a collective: every rank calls it)."""
 
     def options(self) -> dict:
+        """The strategy's options as a plain dict (recorded in ``metrics.json``)."""
         return {}
 
     def state_dict(self) -> dict:
+        """What a checkpoint must keep to continue exactly (the loss memory, where there is one):
+        tensors and plain Python only. Save it with the model's.
+
+        >>> torch.save({"model": model.state_dict(), "method": method.state_dict()}, path)  # doctest: +SKIP
+        """
         return {}
 
     def load_state_dict(self, state: dict):
-        pass
+        """Restore what :meth:`state_dict` returned (before planning the next epoch)."""
 
 
 Baseline = Strategy
@@ -163,8 +177,15 @@ class _Mixing(Strategy):
         self.opts = opts or MixOptions()
         self.opts.check()
         P.check_grid_can_mix(self.grid)
+        if not any(self.mixing(e) for e in range(self.num_epochs)):  # nothing silent: say so now
+            o, n = self.opts, self.num_epochs
+            notice(f"{self.name} will never mix in this run: of its {n} epoch(s), the first {o.warmup_epochs} "
+                   f"are warm-up and the last {o.final_epochs(n)} unmixed (warmup_epochs, final_unmixed_epochs; "
+                   f"--warmup-epochs, --final-unmixed-epochs); train at least "
+                   f"{o.warmup_epochs + o.final_epochs(n) + 1} epochs or lower those", stacklevel=3)
 
     def mixing(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) is one that mixes: after the warm-up, before the final unmixed epochs."""
         o = self.opts
         return o.warmup_epochs <= epoch < self.num_epochs - o.final_epochs(self.num_epochs)
 
@@ -270,6 +291,10 @@ class MixTrain(_Mixing):
             return super().plan_epoch(epoch, rng)
         o = self.opts
         loss, correct = self.memory.snapshot()
+        if epoch > 0 and o.rule != "all" and np.isnan(loss).all():  # never written: nothing would ever mix
+            notice(f"plan_epoch({epoch}): this epoch should mix, but the loss memory is empty: no step's losses were recorded, so it "
+                   "trains unmixed. Call method.record(batch, logits, targets) after each step (Mixer.loss does it), "
+                   "or load the method's state_dict when resuming", stacklevel=2)
         mixable = choose_mixed(loss, correct, o)
         items = []
         if o.quad_confidence > 0:
@@ -320,6 +345,11 @@ STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mix
 
 
 def create_strategy(method: str, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None) -> Strategy:
+    """The strategy named ``method`` (baseline, mixtrain, cutmix, mixup, infobatch) for
+    ``num_samples`` training samples, a model with feature ``grid``, a schedule of ``num_epochs``.
+
+    >>> method = create_strategy("mixtrain", len(train_set), model.grid, 30, "cuda")  # doctest: +SKIP
+    """
     if method not in STRATEGIES:
         raise MixtrainError(f"unknown method {method!r}; choose from {', '.join(STRATEGIES)}")
     cls = STRATEGIES[method]

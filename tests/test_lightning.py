@@ -1,0 +1,136 @@
+"""mixtrain.integrations.lightning.MixTrainCallback with a tiny LightningModule on the CPU:
+plans and mixes, records the loss, checkpoints and resumes exactly, and refuses misuse."""
+
+from __future__ import annotations
+
+import glob
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import mixtrain as mt  # noqa: E402
+from mixtrain.integrations.lightning import MixTrainCallback  # noqa: E402
+
+N = 256
+
+
+class Digits(Dataset):
+    """The first N digits as normalised floats: a map-style (image, label) dataset."""
+
+    def __init__(self):
+        data = mt.load_data("digits")
+        self.x = (data.train_x[:N].float() / 255 - data.mean[0]) / data.std[0]
+        self.y = data.train_y[:N]
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class Net(pl.LightningModule):
+    def __init__(self, mix, compose=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = mt.adapt(mt.create_model("digitnet", 10, 1, 16), 16, 1)
+        self.mix, self.compose = mix, compose
+
+    def training_step(self, batch, batch_idx):
+        if not self.compose:  # the mistake the callback must catch
+            images, labels = batch
+            return torch.nn.functional.cross_entropy(self.model(images), labels)
+        step = self.mix.compose(batch)
+        return self.mix.loss(self.model(step.images, step.masks), step)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class StopAfter(pl.Callback):
+    """Ends the fit after ``epochs`` epochs, as if the job had been stopped there."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def fit(folder, *callbacks, ckpt=None, module=None, loader=None):
+    mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1))
+    trainer = pl.Trainer(max_epochs=4, callbacks=[mix, *callbacks], default_root_dir=str(folder), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True,
+                         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+    net = module(mix) if module else Net(mix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
+        trainer.fit(net, loader or DataLoader(Digits(), batch_size=32, shuffle=True), ckpt_path=ckpt)
+    return net, mix
+
+
+def weights(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """An uninterrupted 4-epoch fit that also checkpoints mid-epoch 2 (global step 10: 8 unmixed
+    steps, then 2 of the 4 steps of the mixed epoch)."""
+    folder = tmp_path_factory.mktemp("whole")
+    every = pl.callbacks.ModelCheckpoint(dirpath=str(folder), every_n_train_steps=10, save_top_k=-1)
+    net, mix = fit(folder, every)
+    return folder, net, mix
+
+
+def test_the_callback_plans_mixes_and_records(whole):
+    _, net, mix = whole
+    h = mix.history
+    assert [r["epoch"] for r in h] == [0, 1, 2, 3]
+    assert h[0]["passes"] == N and h[0]["mixed_fraction"] == 0  # warm-up: unmixed, 8 steps of 32
+    assert h[1]["passes"] < N and h[1]["mixed_fraction"] == 1.0 and h[1]["steps"] < h[0]["steps"]
+    assert h[3]["passes"] == N  # the final epoch unmixed
+    assert all(r["samples"] == N for r in h)
+    loss, _ = mix.mixer.strategy.memory.snapshot()
+    assert (loss == loss).all()  # every sample's loss recorded
+
+
+@pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
+def test_a_resumed_fit_continues_exactly(where, whole, tmp_path):
+    folder, net, mix = whole
+    if where == "epoch end":
+        last = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "a"), save_last=True)
+        fit(tmp_path / "a", last, StopAfter(2))
+        ckpt = str(tmp_path / "a" / "last.ckpt")
+    else:  # saved after step 2 of the mixed epoch 2 (of 4): its plan and position are in the checkpoint
+        ckpt = glob.glob(str(folder / "*step=10*.ckpt"))[0]
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]["MixTrainCallback"]
+        assert state["mixer"]["epoch"] == 1 and state["mixer"]["step"] == 2 and state["mixer"]["plan"] is not None
+    resumed, rmix = fit(tmp_path / "b", ckpt=ckpt)
+    assert rmix.history == mix.history
+    assert torch.equal(weights(resumed), weights(net))
+
+
+def test_a_training_step_that_does_not_compose_is_refused(tmp_path):
+    with pytest.raises(mt.MixtrainError, match="training_step did not call compose on its batch"):
+        fit(tmp_path, module=lambda mix: Net(mix, compose=False))
+
+
+def test_a_module_without_an_adapted_model_is_refused(tmp_path):
+    class Plain(Net):
+        def __init__(self, mix):
+            super().__init__(mix)
+            self.model = self.model.model  # the bare digitnet
+
+    with pytest.raises(mt.MixtrainError, match="holds no adapted model: wrap yours with mixtrain.adapt"):
+        fit(tmp_path, module=Plain)
+
+
+def test_compose_outside_a_fit_is_refused():
+    with pytest.raises(mt.MixtrainError, match="outside a fit"):
+        MixTrainCallback().compose((torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)))
