@@ -32,7 +32,7 @@ class GraphedStep:
     rates become device tensors, read by the fused SGD kernel at replay.
     """
 
-    def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, memory=None,
+    def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, state=(),
                  extra: tuple[torch.Tensor, ...] = (), warmup: int = 3):
         self.eager_step = eager_step
         # static inputs besides the batch (streamed images and their slot positions): each step's
@@ -40,7 +40,9 @@ class GraphedStep:
         self.extra = extra
         self.optimizer = optimizer
         self.model = model
-        self.memory = memory
+        # tensors the step updates besides the model and optimizer (a strategy's loss memory:
+        # Strategy.step_state()); the warm-up steps are undone on them too
+        self.state = tuple(state)
         self.warmup = warmup
         self.graph = None
         self.static: Batch | None = None
@@ -83,10 +85,7 @@ class GraphedStep:
     def _snapshot(self):
         model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         opt = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()} for p, st in self.optimizer.state.items()}
-        mem = None
-        if self.memory is not None:
-            mem = (self.memory.loss.clone(), self.memory.correct.clone(), self.memory.touched.clone())
-        return model, opt, mem
+        return model, opt, [t.clone() for t in self.state]
 
     @torch.no_grad()
     def _restore(self, snap):
@@ -101,10 +100,8 @@ class GraphedStep:
                         v.copy_(saved[k])
                     else:  # a buffer the warm-up created: as if never used (SGD's first step sets buf = grad)
                         v.zero_()
-        if mem is not None:
-            self.memory.loss.copy_(mem[0])
-            self.memory.correct.copy_(mem[1])
-            self.memory.touched.copy_(mem[2])
+        for t, saved in zip(self.state, mem):
+            t.copy_(saved)
 
     def capture(self, batch: Batch, lr: float, extra: tuple[torch.Tensor, ...] = ()) -> bool:
         """Warm up on ``batch`` and capture; returns False (and warns) if capture is not possible.

@@ -116,6 +116,23 @@ class Strategy:
         ids = rng.permutation(self.num_samples)
         return P.singles(ids, self.slots, self.grid)
 
+    def forward(self, model, x, batch):
+        """The model's predictions for the step: one per constituent, ``[B, K, classes]``, from
+        each region's pooled features (``model(x, pool_masks)``; a single slot needs no masks)."""
+        logits = model(x, None if self.slots == 1 else batch.pool_masks())
+        return logits[:, None] if logits.ndim == 2 else logits
+
+    def averages_over_passes(self, loss_per: str) -> bool:
+        """Whether the step's loss is a mean over passes (else over samples): under DDP each
+        rank's loss is rescaled by its share of the same count."""
+        return loss_per == "passes"
+
+    def step_state(self) -> list:
+        """Device tensors the step updates besides the model and optimizer (the loss memory), so
+        a CUDA-graph capture can undo its warm-up steps on them."""
+        memory = getattr(self, "memory", None)
+        return [] if memory is None else [memory.loss, memory.correct, memory.touched]
+
     def loss(self, batch, logits, targets, label_smoothing: float = 0.0, per: str = "samples"):
         """The step's loss from the model's ``logits`` (``[B, K, C]`` for separating strategies,
         ``[B, C]`` otherwise) and the slots' ``targets [B, K]``: ``(loss, per-slot cross-entropy
@@ -202,6 +219,12 @@ class _SoftLabel(_Mixing):
     """Naive mixing: one prediction per composite against the share-weighted soft label."""
 
     separate = False
+
+    def forward(self, model, x, batch):
+        return model(x)  # one prediction per composite, from the model's own global pooling
+
+    def averages_over_passes(self, loss_per: str) -> bool:
+        return True  # the soft-label loss is a mean over composites
 
     def loss(self, batch, logits, targets, label_smoothing: float = 0.0, per: str = "samples"):
         return soft_label_loss(logits, targets, batch.share, batch.valid, label_smoothing), None

@@ -366,9 +366,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.grid = self.model.grid
         self.strategy = create_strategy(cfg.method, n, self.grid, cfg.epochs, self.device, cfg.mix)
-        self.loss_per = cfg.mix.loss_per if cfg.method != "baseline" else "samples"
+        self.loss_per = cfg.mix.loss_per
         # soft-label losses average over passes; the DDP loss weights must match the normalisation
-        self.per_pass = not self.strategy.separate or self.loss_per == "passes"
+        self.per_pass = self.strategy.averages_over_passes(self.loss_per)
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -563,7 +563,7 @@ class Trainer:
             def step(b, static_images, static_src):
                 return self._train_step(b, b.compose(static_images, self.normalize, static_src), labels)
 
-        g = GraphedStep(step, self.optimizer, self.model, getattr(self.strategy, "memory", None), extra)
+        g = GraphedStep(step, self.optimizer, self.model, self.strategy.step_state(), extra)
         before = None if self.grad_stats is None else self.grad_stats.clone()
         if g.capture(batch, lr, () if src is None else (images, src)):
             self.graphed = g
@@ -579,13 +579,7 @@ class Trainer:
         targets = batch.targets(labels)
         # no autocast weight cache inside a CUDA graph capture (its casts must be recorded each step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.use_graph):
-            if s.separate:
-                masks = None if s.slots == 1 else batch.pool_masks()
-                logits = self.forward(x, masks)
-                if logits.ndim == 2:
-                    logits = logits[:, None]
-            else:
-                logits = self.forward(x)
+            logits = s.forward(self.forward, x, batch)  # the strategy pools (per region, or globally)
         loss, ce = s.loss(batch, logits, targets, self.cfg.label_smoothing, self.loss_per)
         self.optimizer.zero_grad(set_to_none=True)
         (loss if scale == 1.0 else loss * scale).backward()
