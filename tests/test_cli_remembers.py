@@ -71,6 +71,14 @@ def test_resume_with_other_options_is_refused_naming_each(whole, capsys):
                        "lr: 0.05 -> 0.3", "seed: 2 -> 5", "mix.rule: 'fraction' -> 'auto'", "--checkpoint-every")
 
 
+def test_resume_with_an_unreadable_config_json_or_with_overwrite_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"lr": 0.1')
+    code = main(["train", "--out", str(tmp_path), "--resume"])
+    assert_clean_error(code, capsys.readouterr().err, f"--resume: the run's {tmp_path / 'config.json'}: not valid JSON")
+    code = main(["train", "--out", str(tmp_path), "--resume", "--overwrite"])
+    assert_clean_error(code, capsys.readouterr().err, "--resume continues the run in --out and --overwrite replaces it")
+
+
 def test_an_out_that_holds_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     npz = write_npz(tmp_path / "d")
     out = tmp_path / "o"

@@ -60,14 +60,15 @@ def test_compose_equals_the_resident_path_for_pairs_quads_and_padding():
     counts = plan.valid.sum(1)
     assert (counts == 4).any() and (counts == 2).any()  # quads and pairs
     assert plan.items % 8  # the last step is padded
-    _, pad_rng, gen = m._rngs(0)
-    resident = EpochBatches(plan, 8, GRID, "cpu", gen, pad_rng=pad_rng, image_size=SIZE, augment=Augment(pad=0, flip=False))
+    mine = m.layout.mine  # padded to whole steps
     same = Normalizer((0.0,), (1 / 255,), "cpu")  # uint8 -> the same values as floats
     steps = list(m.sampler)
-    assert len(steps) == len(resident) == m.steps
+    assert len(steps) == m.steps == mine.items // 8
     for j, ids in enumerate(steps):
         step = m.compose(x[ids].float(), y[ids])
-        b = resident.batch(j)
+        rows = mine.take(np.arange(8 * j, 8 * j + 8))  # step j's items, with the step's own draws
+        b = EpochBatches(rows, 8, GRID, "cpu", m.layout.generator(j), image_size=SIZE,
+                         augment=Augment(pad=0, flip=False)).batch(0)
         want = b.compose(x, same)
         assert step.images.shape == (8, 1, *SIZE)
         torch.testing.assert_close(step.images, want, atol=1e-3, rtol=0)
@@ -372,3 +373,27 @@ def test_two_ranks_in_process_share_one_plan_and_split_each_step():
             step = m.compose(x[ids].float(), y[ids])
             got.append(step.index[step.valid])
     assert sorted(torch.cat(got).tolist()) == list(range(N))
+
+
+def test_every_public_name_has_a_docstring():
+    """mixtrain's public names, their public methods and properties, and the Lightning callback."""
+    import inspect
+
+    names = [(n, getattr(mt, n)) for n in mt.__all__]
+    try:
+        from mixtrain.integrations.lightning import MixTrainCallback
+
+        names.append(("MixTrainCallback", MixTrainCallback))
+    except ImportError:
+        pass
+    missing = []
+    for name, obj in names:
+        if not inspect.getdoc(obj):
+            missing.append(name)
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") or not (inspect.isfunction(member) or isinstance(member, (property, staticmethod))):
+                    continue
+                if not inspect.getdoc(getattr(obj, attr)):
+                    missing.append(f"{name}.{attr}")
+    assert not missing, missing

@@ -224,6 +224,8 @@ def train_config(args) -> "TrainConfig":
     ``--overwrite`` is given."""
     from .trainer import RESUMABLE_CHANGES, TrainConfig, config_differences
 
+    if args.resume and args.overwrite:
+        raise MixtrainError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     given = given_options(args.argv)
     stated = read_config(args.config) if args.config else {}  # the file ...
     stated = _merged(stated, args_as_config(args, only=given))  # ... and the flags over it

@@ -96,7 +96,7 @@ class _EpochLayout:
     """This process's steps of one planned epoch, on the host: per step the sample ids to load
     (every shown slot, item by item) and where each slot's image lands in the loaded batch."""
 
-    def __init__(self, plan: EpochPlan, batch_size: int, grid, rank: int, world: int, pad_rng, generator):
+    def __init__(self, plan: EpochPlan, batch_size: int, grid, rank: int, world: int, pad_rng, draw_seed: int):
         full = plan.padded(batch_size * world, pad_rng, grid)
         live = full.valid.reshape(-1, world * batch_size, full.slots)
         self.global_samples = live.sum((1, 2))
@@ -120,10 +120,18 @@ class _EpochLayout:
         full_box = np.all(mine.box[:, 0] == np.array([0, 0, grid[0], grid[1]], mine.box.dtype), -1)
         whole = (shown.sum(1) == 1) & full_box & ~mine.resize[:, 0]
         self.whole = whole.reshape(self.steps, batch_size).all(1)
-        self.rand = torch.rand((self.steps, batch_size, k, rand_width(_PLACE_ONLY)), generator=generator)
+        self.draw_seed = draw_seed
 
     def rows(self, j: int) -> slice:
         return slice(j * self.batch_size, (j + 1) * self.batch_size)
+
+    def generator(self, j: int) -> torch.Generator:
+        """Step ``j``'s generator of region offsets: a function of (seed, epoch, rank, step) alone."""
+        return torch.Generator().manual_seed(int(np.random.default_rng([self.draw_seed, j]).integers(2**62)))
+
+    def rand(self, j: int) -> torch.Tensor:
+        """Step ``j``'s uniform draws ``[B, K, R]`` for :func:`mixtrain.compose.geometry`."""
+        return torch.rand((self.batch_size, self.mine.slots, rand_width(_PLACE_ONLY)), generator=self.generator(j))
 
 
 class MixSampler(Sampler):
@@ -217,14 +225,15 @@ class Mixer:
         self.label_smoothing = float(label_smoothing)
         opts = opts or MixOptions()
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
-        self.loss_per = opts.loss_per if method != "baseline" else "samples"
-        # losses averaged over passes (soft labels, or --loss-per passes) are weighed by passes under DDP
-        self.per_pass = not self.strategy.separate or self.loss_per == "passes"
+        self.loss_per = opts.loss_per
+        # losses averaged over passes (soft labels, or loss_per="passes") are weighed by passes under DDP
+        self.per_pass = self.strategy.averages_over_passes(self.loss_per)
         self.sampler = MixSampler(self)
         self.max_steps = -(-self.num_samples // (self.batch_size * self.world))
         self.epoch = 0  # the epoch being trained (or next to be)
         self.consumed = 0  # steps of it composed so far
         self.layout: _EpochLayout | None = None
+        self._recorded = False  # losses recorded since the processes' memories were last merged
 
     # -- epochs ---------------------------------------------------------------------------------
 
@@ -258,10 +267,10 @@ class Mixer:
         return None if self.layout is None else self.layout.plan
 
     def _rngs(self, epoch: int):
-        plan_rng = np.random.default_rng([self.seed, epoch, 1])
+        plan_rng = np.random.default_rng([self.seed, epoch, 1])  # the same on every process
         pad_rng = np.random.default_rng([self.seed, epoch, 2])
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, self.rank, 3]).integers(2**62)))
-        return plan_rng, pad_rng, gen
+        draw_seed = int(np.random.default_rng([self.seed, epoch, self.rank, 3]).integers(2**62))  # this process's
+        return plan_rng, pad_rng, draw_seed
 
     def _plan(self, plan: EpochPlan | None = None):
         if not 0 <= self.epoch < self.epochs:
@@ -269,12 +278,18 @@ class Mixer:
                 f"epoch {self.epoch} is outside the schedule of {self.epochs} epochs (0 to {self.epochs - 1}); "
                 "give Mixer(epochs=...) the number of epochs you train"
             )
-        plan_rng, pad_rng, gen = self._rngs(self.epoch)
+        plan_rng, pad_rng, draw_seed = self._rngs(self.epoch)
         if plan is None:
-            if self.world > 1:
-                self.strategy.sync()  # every process plans from the same (merged) loss memory
+            self._merge()  # every process plans from the same loss memory
             plan = self.strategy.plan_epoch(self.epoch, plan_rng)
-        self.layout = _EpochLayout(plan, self.batch_size, self.grid, self.rank, self.world, pad_rng, gen)
+        self.layout = _EpochLayout(plan, self.batch_size, self.grid, self.rank, self.world, pad_rng, draw_seed)
+
+    def _merge(self):
+        """Under DDP, merge the processes' loss-memory writes since the last merge (a collective;
+        every process records the same number of steps, so all of them merge or none)."""
+        if self.world > 1 and self._recorded:
+            self.strategy.sync()
+        self._recorded = False
 
     def _layout_for_iteration(self) -> _EpochLayout:
         """The epoch a new pass of the sampler serves: the current one, or the next once it is done."""
@@ -336,7 +351,7 @@ class Mixer:
         s = self.strategy
         box = torch.from_numpy(mine.box[rows]).to(dev, non_blocking=True)
         geo = geometry(box, torch.from_numpy(mine.resize[rows]).to(dev, non_blocking=True), share,
-                       layout.rand[j].to(dev, non_blocking=True), self.grid, self.image_size, _PLACE_ONLY, s.blend)
+                       layout.rand(j).to(dev, non_blocking=True), self.grid, self.image_size, _PLACE_ONLY, s.blend)
         if layout.whole[j]:
             x = images  # one whole image per item, in item order: nothing to resample
         else:
@@ -366,6 +381,7 @@ class Mixer:
         loss, ce = s.loss(step, logits, step.targets, self.label_smoothing, self.loss_per)
         plain = ce is not None and self.label_smoothing == 0
         s.record(step, logits, step.targets, ce if plain else None)
+        self._recorded = True
         return loss if step.scale == 1.0 else loss * step.scale
 
     # -- state ----------------------------------------------------------------------------------
@@ -373,8 +389,7 @@ class Mixer:
     def state_dict(self) -> dict:
         """Loss memory, epoch, position in it and (mid-epoch) its plan: tensors and plain Python
         only. Under DDP call it on every process: it merges their loss memories first."""
-        if self.world > 1:
-            self.strategy.sync()
+        self._merge()
         mid = self.layout is not None and 0 < self.consumed < self.layout.steps
         plan = None
         if mid:
