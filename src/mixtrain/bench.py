@@ -550,6 +550,119 @@ def _dynamo_graphs() -> int | None:
         return None
 
 
+def _versions_with_commit() -> dict:
+    """The library versions, plus the source's git commit when it runs from a checkout."""
+    from .trainer import versions
+
+    vers = versions()
+    commit = _git_commit()
+    if commit:
+        vers["mixtrain_commit"] = commit
+    return vers
+
+
+def _open_results(out: str, setup: dict, dev: dict, vers: dict, resume: bool) -> dict:
+    """The results of the bench in ``out`` when it is continued (``resume``), else new empty ones;
+    an existing bench is never overwritten."""
+    path = os.path.join(out, RESULTS)
+    if os.path.exists(path) and not resume:
+        raise MixtrainError(f"{path} already exists: pass --resume to continue that bench, or choose another --out")
+    if resume and os.path.exists(path):
+        results = load_results(out)
+        _check_continuable(results, out, setup, dev, vers)
+        return results
+    return {"format": FORMAT, "setup": setup, "timing": TIMING_NOTE, "methods": [], "planned": [],
+            "sessions": [], "runs": []}
+
+
+def _check_continuable(results: dict, out: str, setup: dict, dev: dict, vers: dict):
+    """New runs join old ones only when their timings compare: the same setup, device and torch."""
+    diffs = _diff(results.get("setup", {}), setup)
+    if diffs:
+        raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs))
+    then = results["sessions"][0]
+    for what, a, b in (("device", then["device"].get("name"), dev["name"]),
+                       ("torch version", then["versions"].get("torch"), vers.get("torch"))):
+        if a != b:
+            raise MixtrainError(f"cannot continue the bench in {out}: it was measured with {what} {a!r}, "
+                                f"this process has {b!r}; timings would not be comparable")
+
+
+def _start_session(results: dict, methods: list[str], plan: list[tuple[str, int, int]], command: str, dev: dict,
+                   vers: dict) -> dict:
+    """Add this invocation's methods, planned runs and session record to ``results``; returns the session."""
+    results["methods"] = list(dict.fromkeys(results["methods"] + methods))
+    results["planned"] = list(dict.fromkeys(results["planned"] + [run_key(*p) for p in plan]))
+    session = {"command": command, "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "device": dev, "versions": vers, "warmup_seconds": {}}
+    results["sessions"].append(session)
+    return session
+
+
+def _run_config(base, method: str, n_epochs: int, seed: int, folder: str, **more):
+    """``base`` for one run of ``method`` (a name with optional overrides), never checkpointed."""
+    name, overrides = split_method(method)
+    cfg = dataclasses.replace(base, method=name, epochs=n_epochs, seed=seed, out=folder, resume=False,
+                              save_checkpoints=False, checkpoint_every=0, **more)
+    cfg.mix = dataclasses.replace(base.mix, **overrides)
+    return cfg
+
+
+def _load_bench_data(base, log):
+    from .data import load_data
+
+    log(f"loading {base.data} ...")
+    return load_data(base.data, base.image_size or None, base.workers, base.cache_size, base.cache_dir,
+                     base.placement)
+
+
+def _warm_up(base, data, methods, out: str, session: dict, log):
+    """Untimed: each of ``methods`` trains a few steps of the timed runs' batch shape, with every
+    sample mixable so the mixing path runs too; records the seconds (and compiled graphs) in ``session``."""
+    from .trainer import Trainer
+
+    graphs = _dynamo_graphs()
+    n_warm = min(data.num_train, base.batch_size * WARMUP_STEPS)
+    warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
+    for method in methods:
+        mix = dataclasses.replace(base.mix, **split_method(method)[1])
+        warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1
+        cfg = _run_config(base, method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
+                          eval_every=0, csv=False, tensorboard=False)
+        cfg.mix.rule = "all"
+        cfg.mix.final_unmixed_epochs = 0  # its last epoch mixes
+        t0 = time.perf_counter()
+        Trainer(cfg, data=warm_data).fit()
+        session["warmup_seconds"][method] = time.perf_counter() - t0
+        log(f"warm-up {method}: {session['warmup_seconds'][method]:.1f} s (untimed)")
+    if base.compile and graphs is not None:
+        session["warmup_compiled_graphs"] = _dynamo_graphs() - graphs
+
+
+def _expected_seconds(runs: list[dict], method: str, n_epochs: int) -> float:
+    """A run's expected duration: the slowest finished run of its method, scaled to its epochs."""
+    return max((r["wall_seconds"] * n_epochs / r["epochs"] for r in runs if r["method"] == method), default=0.0)
+
+
+def _timed_run(base, data, method: str, n_epochs: int, seed: int, out: str, session: int) -> dict:
+    """Train one run from a fresh model and optimiser; returns its entry of ``results["runs"]``."""
+    from .trainer import Trainer
+
+    key = run_key(method, n_epochs, seed)
+    cfg = _run_config(base, method, n_epochs, seed, os.path.join(out, "runs", _safe(key)))
+    graphs = _dynamo_graphs()
+    t0 = time.perf_counter()
+    m = Trainer(cfg, data=data).fit()
+    wall = time.perf_counter() - t0
+    graphs_after = _dynamo_graphs()
+    run = {k: m[k] for k in ("method", "epochs", "seed", "passes", "samples", "pass_speedup", "train_seconds",
+                             "eval_seconds", "test_accuracy", "grid", "options", "epochs_log")}
+    run.update(method=method, base_method=m["method"])  # a variant keeps its own line
+    run.update(key=key, wall_seconds=wall, session=session,
+               compiled_graphs=(graphs_after - graphs) if base.compile and graphs is not None else 0)
+    return run
+
+
 def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out: str, command: str = "",
               resume: bool = False, stop_after: float = 0.0, data=None, log=print) -> dict:
     """Train every (method, epochs, seed) with the options of ``base`` (a TrainConfig) into ``out``.
@@ -561,8 +674,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
     its epochs) would overrun it.
     Returns the results dict.
     """
-    from .data import load_data
-    from .trainer import Trainer, resolve_device, versions
+    from .trainer import resolve_device
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -572,34 +684,11 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
     device = resolve_device(base.device)
     setup = setup_of(base)
     dev = device_info(device)
-    vers = versions()
-    commit = _git_commit()
-    if commit:
-        vers["mixtrain_commit"] = commit
+    vers = _versions_with_commit()
     path = os.path.join(out, RESULTS)
     plan = planned_runs(methods, epochs, seeds)
-
-    if os.path.exists(path) and not resume:
-        raise MixtrainError(f"{path} already exists: pass --resume to continue that bench, or choose another --out")
-    if resume and os.path.exists(path):
-        results = load_results(out)
-        diffs = _diff(results.get("setup", {}), setup)
-        if diffs:
-            raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs))
-        then = results["sessions"][0]
-        for what, a, b in (("device", then["device"].get("name"), dev["name"]),
-                           ("torch version", then["versions"].get("torch"), vers.get("torch"))):
-            if a != b:
-                raise MixtrainError(f"cannot continue the bench in {out}: it was measured with {what} {a!r}, "
-                                    f"this process has {b!r}; timings would not be comparable")
-    else:
-        results = {"format": FORMAT, "setup": setup, "timing": TIMING_NOTE, "methods": [], "planned": [],
-                   "sessions": [], "runs": []}
-    results["methods"] = list(dict.fromkeys(results["methods"] + methods))
-    results["planned"] = list(dict.fromkeys(results["planned"] + [run_key(*p) for p in plan]))
-    session = {"command": command, "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "device": dev, "versions": vers, "warmup_seconds": {}}
-    results["sessions"].append(session)
+    results = _open_results(out, setup, dev, vers, resume)
+    session = _start_session(results, methods, plan, command, dev, vers)
     done = {r["key"] for r in results["runs"]}
     todo = [p for p in plan if run_key(*p) not in done]
     os.makedirs(out, exist_ok=True)
@@ -609,65 +698,22 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         write_report(out, results)
         return results
 
-    def run_cfg(method, n_epochs, seed, folder, **more):
-        name, overrides = split_method(method)
-        cfg = dataclasses.replace(base, method=name, epochs=n_epochs, seed=seed, out=folder, resume=False,
-                                  save_checkpoints=False, checkpoint_every=0, **more)
-        cfg.mix = dataclasses.replace(base.mix, **overrides)
-        return cfg
-
-    def warm_up(data):
-        # Untimed: each pending method trains a few steps of the timed runs' batch shape, with every
-        # sample mixable so the mixing path runs too.
-        graphs = _dynamo_graphs()
-        n_warm = min(data.num_train, base.batch_size * WARMUP_STEPS)
-        warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
-        for method in dict.fromkeys(m for m, _, _ in todo):
-            mix = dataclasses.replace(base.mix, **split_method(method)[1])
-            warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1
-            cfg = run_cfg(method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
-                          eval_every=0, csv=False, tensorboard=False)
-            cfg.mix.rule = "all"
-            cfg.mix.final_unmixed_epochs = 0  # its last epoch mixes
-            t0 = time.perf_counter()
-            Trainer(cfg, data=warm_data).fit()
-            session["warmup_seconds"][method] = time.perf_counter() - t0
-            log(f"warm-up {method}: {session['warmup_seconds'][method]:.1f} s (untimed)")
-        if base.compile and graphs is not None:
-            session["warmup_compiled_graphs"] = _dynamo_graphs() - graphs
-
     for i, (method, n_epochs, seed) in enumerate(todo):
-        key = run_key(method, n_epochs, seed)
         if stop_after > 0:
             elapsed = time.perf_counter() - t_start
-            # the slowest finished run of this method, scaled to this run's epochs
-            alike = [r["wall_seconds"] * n_epochs / r["epochs"] for r in results["runs"] if r["method"] == method]
-            expected = max(alike, default=0.0)
+            expected = _expected_seconds(results["runs"], method, n_epochs)
             if elapsed + expected > stop_after:
-                log(f"stopping before {key}: {elapsed:.0f} s elapsed (+{expected:.0f} s expected) "
-                    f"of --stop-after {stop_after:.0f} s; {len(todo) - i} runs left, continue with --resume")
+                log(f"stopping before {run_key(method, n_epochs, seed)}: {elapsed:.0f} s elapsed (+{expected:.0f} s "
+                    f"expected) of --stop-after {stop_after:.0f} s; {len(todo) - i} runs left, continue with --resume")
                 break
         if i == 0:  # data and warm-up only once a run will start
-            if data is None:
-                log(f"loading {base.data} ...")
-                data = load_data(base.data, base.image_size or None, base.workers, base.cache_size, base.cache_dir,
-                                 base.placement)
-            warm_up(data)
-        cfg = run_cfg(method, n_epochs, seed, os.path.join(out, "runs", _safe(key)))
-        graphs = _dynamo_graphs()
-        t0 = time.perf_counter()
-        m = Trainer(cfg, data=data).fit()
-        wall = time.perf_counter() - t0
-        graphs_after = _dynamo_graphs()
-        run = {k: m[k] for k in ("method", "epochs", "seed", "passes", "samples", "pass_speedup", "train_seconds",
-                                 "eval_seconds", "test_accuracy", "grid", "options", "epochs_log")}
-        run.update(method=method, base_method=m["method"])  # a variant keeps its own line
-        run.update(key=key, wall_seconds=wall, session=len(results["sessions"]) - 1,
-                   compiled_graphs=(graphs_after - graphs) if base.compile and graphs is not None else 0)
+            data = _load_bench_data(base, log) if data is None else data
+            _warm_up(base, data, dict.fromkeys(m for m, _, _ in todo), out, session, log)
+        run = _timed_run(base, data, method, n_epochs, seed, out, len(results["sessions"]) - 1)
         results["runs"].append(run)
         _write_json(path, results)  # partial results survive a time limit
-        log(f"[{len(results['runs'])}/{len(results['planned'])}] {key}: {m['train_seconds']:.1f} s train, "
-            f"{m['passes']:,} passes, test accuracy {m['test_accuracy']:.4f}")
+        log(f"[{len(results['runs'])}/{len(results['planned'])}] {run['key']}: {run['train_seconds']:.1f} s train, "
+            f"{run['passes']:,} passes, test accuracy {run['test_accuracy']:.4f}")
 
     _write_json(path, results)
     report, png = write_report(out, results)
