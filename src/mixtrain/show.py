@@ -342,6 +342,119 @@ def _warm_up(data, cfg, samples: int, epochs: int, log):
     return part, trainer.strategy
 
 
+def _check_show_args(out: str, images: int, batch: int, columns: int, epoch: int, train_samples: int,
+                     train_epochs: int):
+    if not str(out).lower().endswith(".png"):
+        raise MixtrainError(f"--out must name a .png file, got {out!r}")
+    for name, value, low in (("--images", images, 1), ("--batch", batch, 1), ("--columns", columns, 1),
+                             ("--epoch", epoch, 0), ("--train-samples", train_samples, 1),
+                             ("--train-epochs", train_epochs, 1)):
+        if value < low:
+            raise MixtrainError(f"{name} must be at least {low}, got {value}")
+
+
+def _config_to_show(run: str | None, data: str | None, model: str | None, method: str | None,
+                    epochs: int | None, seed: int | None):
+    """(TrainConfig, checkpoint state or None). With ``run``: the run's own options (``data`` may
+    read its dataset from another place; any other option given must agree with the run's).
+    Without: the defaults with the options given."""
+    from .trainer import TrainConfig
+
+    if run is None:
+        cfg = TrainConfig(data=data or "digits", model=model or "auto", method=method or "mixtrain",
+                          epochs=30 if epochs is None else epochs, seed=0 if seed is None else seed)
+        return cfg, None
+    cfg, raw, state = _read_run(run)
+    cfg.model = cfg.resolved_model()  # before --data may change where the data are read from
+    if model is not None:
+        model = TrainConfig(model=model, data=raw.get("data", cfg.data)).resolved_model()
+    for flag, given, saved in (("--model", model, cfg.model), ("--method", method, cfg.method),
+                               ("--epochs", epochs, cfg.epochs), ("--seed", seed, cfg.seed)):
+        if given is not None and given != saved:
+            raise MixtrainError(f"{flag} {given}: the run in {run} used {saved}; leave {flag} out with --from")
+    if data is not None:  # the same dataset, read from another place
+        cfg.data = data
+    return cfg, state
+
+
+def _cpu_trainer(cfg, run: str | None, data: str | None):
+    """(the CPU config, a Trainer that never trains). The trainer resolves data, feature grid,
+    augmentation and normalisation as training does; batch size 1 fits any data; it writes nothing."""
+    from .trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="mixtrain-show-") as tmp:
+        cfg = dataclasses.replace(cfg, device="cpu", out=tmp, resume=False, save_checkpoints=False, progress="none",
+                                  compile=False, cuda_graph="off", csv=False, tensorboard=False)
+        try:
+            trainer = Trainer(dataclasses.replace(cfg, batch_size=1))
+        except MixtrainError as e:
+            where = os.path.expanduser(cfg.data.partition(":")[2])
+            if run is not None and data is None and where and where in str(e):
+                raise MixtrainError(f"{e} (the run's --data; pass --data to read it from elsewhere)") from e
+            raise
+    return cfg, trainer
+
+
+def _loss_memory(trainer, cfg, run: str | None, state: dict | None, train_samples: int, train_epochs: int, log):
+    """(dataset, strategy, what its loss memory is, epochs it has seen). The memory comes from the
+    run's checkpoint with ``run``, else from a CPU warm-up when the method plans from one (the
+    dataset is then the warm-up's slice); a method without one plans as it is."""
+    from .strategies import create_strategy
+
+    dataset, strategy = trainer.data, trainer.strategy
+    if run is not None:
+        try:
+            strategy.load_state_dict(state["strategy"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise MixtrainError(f"the loss memory in {run}/checkpoint.pt does not fit {cfg.data}: {e}") from e
+        memory_text = f"loss memory from {run} after epoch {int(state['epoch'])} of {cfg.epochs}"
+        return dataset, strategy, memory_text, int(state["epoch"])
+    if strategy.uses_memory:
+        dataset, warm = _warm_up(dataset, cfg, train_samples, train_epochs, log)
+        strategy = create_strategy(cfg.method, dataset.num_train, trainer.grid, cfg.epochs, "cpu", cfg.mix)
+        strategy.load_state_dict(warm.state_dict())
+        memory_text = f"loss memory from a {train_epochs}-epoch warm-up on {dataset.num_train} samples (CPU)"
+        return dataset, strategy, memory_text, train_epochs
+    return dataset, strategy, "no loss memory (this method plans without one)", 0
+
+
+def _compose_batch(trainer, dataset, strategy, e0: int, j: int, images: int):
+    """(the plan of epoch ``e0``, batch ``j``'s display pixels, its items, its plan rows): the
+    batch of ``images`` composites, planned and composed as training does it."""
+    grid = trainer.grid
+    plan_rng, pad_rng, aug_gen = trainer._epoch_rngs(e0)  # the run's generators for that epoch
+    plan = strategy.plan_epoch(e0, plan_rng)
+    batches, rows = epoch_batch(plan, j, images, grid, aug_gen, pad_rng, trainer.image_hw, trainer.augment,
+                                strategy.blend, dataset.source_size)
+    source = dataset.step_images(batches, torch.device("cpu"), j).get(j)
+    pixels, items = batch_items(batches.batch(j), rows, source, trainer.normalize, dataset.train_y.cpu(), grid,
+                                trainer.image_hw, strategy.blend)
+    return plan, pixels, items, rows
+
+
+def _header(cfg, grid, e0: int, mixing: bool, first: int, shown: int, plan, shares: dict[str, float],
+            memory_text: str) -> tuple[str, str, str]:
+    """The grid's three header lines: what and when (composites ``first`` on, ``shown`` of them);
+    the epoch's tiers; the loss memory."""
+    return (
+        f"{cfg.data} \u00b7 {cfg.resolved_model()} (feature grid {grid[0]}x{grid[1]}) \u00b7 {cfg.method} \u00b7 "
+        f"epoch {e0 + 1} of {cfg.epochs}{'' if mixing else ' (unmixed)'} \u00b7 composites {first}-"
+        f"{min(first + shown - 1, plan.items)} of {plan.items:,}",
+        "this epoch: " + ", ".join(f"{v:.0%} of samples {'alone' if k == 'alone' else 'in ' + k + 's'}"
+                                   for k, v in shares.items())
+        + f"; {plan.passes:,} passes for {plan.samples:,} samples",
+        memory_text,
+    )
+
+
+def _write_grid(out: str, pixels: np.ndarray, items: list[Item], dataset, header, columns: int):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        render_grid(pixels, items, out, class_names(dataset), header, columns)
+    except OSError as e:
+        raise MixtrainError(f"cannot write {out}: {e.strerror or e}") from e
+
+
 def show(out: str, data: str | None = None, model: str | None = None, method: str | None = None,
          run: str | None = None, epoch: int = 0, epochs: int | None = None, seed: int | None = None,
          images: int = 16, batch: int = 1, columns: int = 8, train_samples: int = 1000, train_epochs: int = 3,
@@ -355,92 +468,21 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     0: chosen as the help says). Everything runs on the CPU. Returns a summary: the epoch, its
     tiers, and the drawn items.
     """
-    from .strategies import create_strategy
-    from .trainer import TrainConfig, Trainer
-
-    if not str(out).lower().endswith(".png"):
-        raise MixtrainError(f"--out must name a .png file, got {out!r}")
-    for name, value, low in (("--images", images, 1), ("--batch", batch, 1), ("--columns", columns, 1),
-                             ("--epoch", epoch, 0), ("--train-samples", train_samples, 1),
-                             ("--train-epochs", train_epochs, 1)):
-        if value < low:
-            raise MixtrainError(f"{name} must be at least {low}, got {value}")
-
-    state = None
-    if run is not None:
-        cfg, raw, state = _read_run(run)
-        cfg.model = cfg.resolved_model()  # before --data may change where the data are read from
-        if model is not None:
-            model = TrainConfig(model=model, data=raw.get("data", cfg.data)).resolved_model()
-        for flag, given, saved in (("--model", model, cfg.model), ("--method", method, cfg.method),
-                                   ("--epochs", epochs, cfg.epochs), ("--seed", seed, cfg.seed)):
-            if given is not None and given != saved:
-                raise MixtrainError(f"{flag} {given}: the run in {run} used {saved}; leave {flag} out with --from")
-        if data is not None:  # the same dataset, read from another place
-            cfg.data = data
-    else:
-        cfg = TrainConfig(data=data or "digits", model=model or "auto", method=method or "mixtrain",
-                          epochs=30 if epochs is None else epochs, seed=0 if seed is None else seed)
-    # the trainer resolves data, feature grid, augmentation and normalisation as training does; this
-    # one never trains (batch size 1 fits any data) and writes nothing
-    with tempfile.TemporaryDirectory(prefix="mixtrain-show-") as tmp:
-        cfg = dataclasses.replace(cfg, device="cpu", out=tmp, resume=False, save_checkpoints=False, progress="none",
-                                  compile=False, cuda_graph="off", csv=False, tensorboard=False)
-        try:
-            trainer = Trainer(dataclasses.replace(cfg, batch_size=1))
-        except MixtrainError as e:
-            where = os.path.expanduser(cfg.data.partition(":")[2])
-            if run is not None and data is None and where and where in str(e):
-                raise MixtrainError(f"{e} (the run's --data; pass --data to read it from elsewhere)") from e
-            raise
-    dataset, strategy, grid = trainer.data, trainer.strategy, trainer.grid
-
-    if run is not None:
-        try:
-            strategy.load_state_dict(state["strategy"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise MixtrainError(f"the loss memory in {run}/checkpoint.pt does not fit {cfg.data}: {e}") from e
-        memory_text = f"loss memory from {run} after epoch {int(state['epoch'])} of {cfg.epochs}"
-        after = int(state["epoch"])
-    elif strategy.uses_memory:
-        dataset, warm = _warm_up(dataset, cfg, train_samples, train_epochs, log)
-        strategy = create_strategy(cfg.method, dataset.num_train, grid, cfg.epochs, "cpu", cfg.mix)
-        strategy.load_state_dict(warm.state_dict())
-        memory_text = f"loss memory from a {train_epochs}-epoch warm-up on {dataset.num_train} samples (CPU)"
-        after = train_epochs
-    else:
-        memory_text = "no loss memory (this method plans without one)"
-        after = 0
+    _check_show_args(out, images, batch, columns, epoch, train_samples, train_epochs)
+    cfg, state = _config_to_show(run, data, model, method, epochs, seed)
+    cfg, trainer = _cpu_trainer(cfg, run, data)
+    dataset, strategy, memory_text, after = _loss_memory(trainer, cfg, run, state, train_samples, train_epochs, log)
 
     e0 = epoch - 1 if epoch else _default_epoch(strategy, after)
     if not 0 <= e0 < cfg.epochs:
         raise MixtrainError(f"--epoch must be in 1..{cfg.epochs} (the schedule's epochs), got {epoch}")
-    plan_rng, pad_rng, aug_gen = trainer._epoch_rngs(e0)  # the run's generators for that epoch
-    plan = strategy.plan_epoch(e0, plan_rng)
-    j = batch - 1
-    batches, rows = epoch_batch(plan, j, images, grid, aug_gen, pad_rng, trainer.image_hw, trainer.augment,
-                                strategy.blend, dataset.source_size)
-    source = dataset.step_images(batches, torch.device("cpu"), j).get(j)
-    pixels, items = batch_items(batches.batch(j), rows, source, trainer.normalize, dataset.train_y.cpu(), grid,
-                                trainer.image_hw, strategy.blend)
+    plan, pixels, items, rows = _compose_batch(trainer, dataset, strategy, e0, batch - 1, images)
 
+    grid = trainer.grid
     shares = tier_shares(plan, strategy.blend)
     mixing = strategy.mixing(e0)
-    first = j * images + 1
-    header = (
-        f"{cfg.data} \u00b7 {cfg.resolved_model()} (feature grid {grid[0]}x{grid[1]}) \u00b7 {cfg.method} \u00b7 "
-        f"epoch {e0 + 1} of {cfg.epochs}{'' if mixing else ' (unmixed)'} \u00b7 composites {first}-"
-        f"{min(first + len(items) - 1, plan.items)} of {plan.items:,}",
-        "this epoch: " + ", ".join(f"{v:.0%} of samples {'alone' if k == 'alone' else 'in ' + k + 's'}"
-                                   for k, v in shares.items())
-        + f"; {plan.passes:,} passes for {plan.samples:,} samples",
-        memory_text,
-    )
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        render_grid(pixels, items, out, class_names(dataset), header, columns)
-    except OSError as e:
-        raise MixtrainError(f"cannot write {out}: {e.strerror or e}") from e
+    header = _header(cfg, grid, e0, mixing, (batch - 1) * images + 1, len(items), plan, shares, memory_text)
+    _write_grid(out, pixels, items, dataset, header, columns)
     return {"path": out, "epoch": e0 + 1, "epochs": cfg.epochs, "mixing": mixing, "tiers": shares,
             "passes": plan.passes, "samples": plan.samples, "grid": list(grid), "image_size": list(trainer.image_hw),
             "items": items, "rows": rows, "memory": memory_text, "header": header}
