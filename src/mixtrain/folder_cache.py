@@ -410,65 +410,17 @@ def build(
         classes, listings = list_folder(root)
     path = cache_path(root, size, cache_dir)
     _writable_parent(path)
-    per_image = 3 * size * size
     total = sum(len(listings[s].paths) for s in SPLITS)
-    need = total * per_image
-    free = shutil.disk_usage(os.path.dirname(path)).free
-    if need > free:
-        raise MixtrainError(
-            f"the folder cache needs {need / 1e9:.2f} GB ({total:,} images of 3x{size}x{size}) but "
-            f"{os.path.dirname(path)} has {free / 1e9:.2f} GB free; choose another place with --cache-dir"
-        )
+    need = _check_free_space(path, size, total)
     workers = decoding_workers(workers)
+    # built under a name of its own and renamed into place once finished: a failed or interrupted
+    # build never leaves a half-written cache at ``path``
     tmp = f"{path}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     log(f"preparing the folder cache of {root} at {size} px: {total:,} images, {workers} process(es) -> {path}")
     try:
-        os.makedirs(tmp)
-        skipped: list[dict] = []
-        counts = {}
-        for split in SPLITS:
-            lst = listings[split]
-            store = os.path.join(tmp, f"{split}_images.npy")
-            np.lib.format.open_memmap(store, mode="w+", dtype=np.uint8, shape=(len(lst.paths), 3, size, size)).flush()
-            failed = _decode_split(store, size, root, lst.paths, workers, f"decoding {split}", progress)
-            bad_rows = sorted(r for r, _, _ in failed)
-            skipped += [{"path": rel, "split": split, "reason": why} for _, rel, why in sorted(failed)]
-            labels = np.asarray(lst.labels, dtype=np.int64)
-            if bad_rows:
-                _compact(store, bad_rows)
-                labels = np.delete(labels, bad_rows)
-            np.save(os.path.join(tmp, f"{split}_labels.npy"), labels, allow_pickle=False)
-            rows = np.full(len(lst.paths), -1, np.int64)
-            kept = np.setdiff1d(np.arange(len(lst.paths)), np.asarray(bad_rows, dtype=np.int64))
-            rows[kept] = np.arange(len(kept))
-            with open(os.path.join(tmp, f"{split}_files.tsv"), "w") as f:
-                f.writelines(line + "\n" for line in lst.lines(rows.tolist()))
-            counts[split] = int(len(labels))
-            if counts[split] == 0:
-                raise MixtrainError(f"{root}/{split}: none of its {len(lst.paths)} images could be read")
-        ignored = [p for s in SPLITS for p in listings[s].ignored]
-        manifest = {
-            "version": CACHE_VERSION,
-            "complete": True,
-            "root": os.path.abspath(root),
-            "size": size,
-            "policy": POLICY,
-            "layout": "uint8 [N, 3, S, S] (NumPy .npy), labels int64 [N]",
-            "classes": classes,
-            "counts": counts,
-            "skipped": skipped,
-            "ignored": ignored,
-            "listing_digest": listing_digest(listings),
-            "build_seconds": round(time.perf_counter() - t0, 2),
-            "workers": workers,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest = _build_into(tmp, root, size, listings, classes, workers, progress, t0)
         _swap_into_place(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -481,11 +433,83 @@ def build(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _report_files(root, skipped, ignored)
+    _report_files(root, manifest["skipped"], manifest["ignored"])
     cache = Cache(path, manifest)
+    counts = manifest["counts"]
     log(f"folder cache ready: {counts['train']:,} train + {counts['val']:,} val images, "
         f"{cache.nbytes() / 1e9:.2f} GB, {manifest['build_seconds']:.1f} s")
     return cache
+
+
+def _check_free_space(path: str, size: int, total: int) -> int:
+    """Bytes the cache of ``total`` images at ``size`` px takes; refused up front when the disk of
+    ``path`` has less free."""
+    need = total * 3 * size * size
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if need > free:
+        raise MixtrainError(
+            f"the folder cache needs {need / 1e9:.2f} GB ({total:,} images of 3x{size}x{size}) but "
+            f"{os.path.dirname(path)} has {free / 1e9:.2f} GB free; choose another place with --cache-dir"
+        )
+    return need
+
+
+def _build_into(tmp: str, root: str, size: int, listings: dict[str, Listing], classes: list[str], workers: int,
+                progress, t0: float) -> dict:
+    """Write the whole cache into the new folder ``tmp``; returns its manifest, written last (and
+    synced) so that a cache with a manifest is a finished one."""
+    os.makedirs(tmp)
+    skipped: list[dict] = []
+    counts = {}
+    for split in SPLITS:
+        counts[split], unreadable = _write_split(tmp, root, split, listings[split], size, workers, progress)
+        skipped += unreadable
+    manifest = {
+        "version": CACHE_VERSION,
+        "complete": True,
+        "root": os.path.abspath(root),
+        "size": size,
+        "policy": POLICY,
+        "layout": "uint8 [N, 3, S, S] (NumPy .npy), labels int64 [N]",
+        "classes": classes,
+        "counts": counts,
+        "skipped": skipped,
+        "ignored": [p for s in SPLITS for p in listings[s].ignored],
+        "listing_digest": listing_digest(listings),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "workers": workers,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest
+
+
+def _write_split(tmp: str, root: str, split: str, listing: Listing, size: int, workers: int,
+                 progress) -> tuple[int, list[dict]]:
+    """Decode one split into ``tmp``: its images (unreadable ones left out), labels, and file list
+    (each file's row in the arrays, -1 when left out). Returns (images kept, the files left out)."""
+    n = len(listing.paths)
+    store = os.path.join(tmp, f"{split}_images.npy")
+    np.lib.format.open_memmap(store, mode="w+", dtype=np.uint8, shape=(n, 3, size, size)).flush()
+    failed = _decode_split(store, size, root, listing.paths, workers, f"decoding {split}", progress)
+    bad_rows = sorted(r for r, _, _ in failed)
+    skipped = [{"path": rel, "split": split, "reason": why} for _, rel, why in sorted(failed)]
+    labels = np.asarray(listing.labels, dtype=np.int64)
+    if bad_rows:
+        _compact(store, bad_rows)
+        labels = np.delete(labels, bad_rows)
+    np.save(os.path.join(tmp, f"{split}_labels.npy"), labels, allow_pickle=False)
+    rows = np.full(n, -1, np.int64)
+    kept = np.setdiff1d(np.arange(n), np.asarray(bad_rows, dtype=np.int64))
+    rows[kept] = np.arange(len(kept))
+    with open(os.path.join(tmp, f"{split}_files.tsv"), "w") as f:
+        f.writelines(line + "\n" for line in listing.lines(rows.tolist()))
+    if len(labels) == 0:
+        raise MixtrainError(f"{root}/{split}: none of its {n} images could be read")
+    return int(len(labels)), skipped
 
 
 def _decode_split(store: str, size: int, root: str, paths: list[str], workers: int, desc: str, progress) -> list:
