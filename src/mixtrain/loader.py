@@ -133,6 +133,16 @@ class _EpochLayout:
         """Step ``j``'s uniform draws ``[B, K, R]`` for :func:`mixtrain.compose.geometry`."""
         return torch.rand((self.batch_size, self.mine.slots, rand_width(_PLACE_ONLY)), generator=self.generator(j))
 
+    def loss_scale(self, j: int, per_pass: bool) -> float:
+        """Factor for this process's mean loss of step ``j`` under DDP (1.0 on one process), as in
+        :meth:`mixtrain.batches.EpochBatches.loss_scale`: every sample (or pass, with ``per_pass``)
+        of the global step then weighs the same, as in one process."""
+        if self.world == 1:
+            return 1.0
+        local, total = ((self.local_passes, self.global_passes) if per_pass
+                        else (self.local_samples, self.global_samples))
+        return float(local[j]) * self.world / max(1, int(total[j]))
+
 
 class MixSampler(Sampler):
     """The batch sampler of a :class:`Mixer`: each step's sample ids, in the epoch plan's order.
@@ -309,6 +319,32 @@ class Mixer:
         sampler gave their ids (``H, W``: the model's image size); ``labels [M]``: their classes.
         Composites are built where ``images`` are (move them to the GPU first to compose there).
         """
+        layout, j = self._checked_step(images)
+        dev = images.device
+        labels = torch.as_tensor(labels, device=dev)
+        rows = layout.rows(j)
+        mine = layout.mine
+        src = torch.from_numpy(layout.src[j]).to(dev, non_blocking=True)
+        index = torch.from_numpy(mine.index[rows]).to(dev, non_blocking=True)
+        valid = torch.from_numpy(mine.valid[rows]).to(dev, non_blocking=True)
+        share = torch.from_numpy(mine.share[rows]).to(dev, non_blocking=True)
+        weight = torch.from_numpy(mine.weight[rows]).to(dev, non_blocking=True)
+        s = self.strategy
+        box = torch.from_numpy(mine.box[rows]).to(dev, non_blocking=True)
+        geo = geometry(box, torch.from_numpy(mine.resize[rows]).to(dev, non_blocking=True), share,
+                       layout.rand(j).to(dev, non_blocking=True), self.grid, self.image_size, _PLACE_ONLY, s.blend)
+        if layout.whole[j]:
+            x = images  # one whole image per item, in item order: nothing to resample
+        else:
+            x = compose_from(images, src, geo, _AsIs(), single=src.shape[1] == 1 and not s.blend)
+        self.consumed = j + 1
+        return MixStep(x, geo.pool if s.separate else None, labels[src], index, valid, share, weight,
+                       int(layout.local_samples[j]), int(layout.global_samples[j]), layout.loss_scale(j, self.per_pass),
+                       self.epoch, j)
+
+    def _checked_step(self, images) -> tuple[_EpochLayout, int]:
+        """(the epoch's layout, the step to compose), once ``images`` are known to be that step's
+        batch: one float tensor of its count of images at the model's size."""
         layout = self.layout
         if layout is None:
             raise MixtrainError("Mixer.compose before any epoch was planned: call mixer.set_epoch(epoch) first "
@@ -339,32 +375,8 @@ class Mixer:
                 "(its feature grid was measured there): make the transforms produce that size, or adapt the model "
                 "to this one"
             )
-        dev = images.device
-        labels = torch.as_tensor(labels, device=dev)
-        rows = layout.rows(j)
-        mine = layout.mine
-        src = torch.from_numpy(layout.src[j]).to(dev, non_blocking=True)
-        index = torch.from_numpy(mine.index[rows]).to(dev, non_blocking=True)
-        valid = torch.from_numpy(mine.valid[rows]).to(dev, non_blocking=True)
-        share = torch.from_numpy(mine.share[rows]).to(dev, non_blocking=True)
-        weight = torch.from_numpy(mine.weight[rows]).to(dev, non_blocking=True)
-        s = self.strategy
-        box = torch.from_numpy(mine.box[rows]).to(dev, non_blocking=True)
-        geo = geometry(box, torch.from_numpy(mine.resize[rows]).to(dev, non_blocking=True), share,
-                       layout.rand(j).to(dev, non_blocking=True), self.grid, self.image_size, _PLACE_ONLY, s.blend)
-        if layout.whole[j]:
-            x = images  # one whole image per item, in item order: nothing to resample
-        else:
-            x = compose_from(images, src, geo, _AsIs(), single=src.shape[1] == 1 and not s.blend)
-        self.consumed = j + 1
-        if self.world == 1:
-            scale = 1.0
-        else:
-            local, total = ((layout.local_passes, layout.global_passes) if self.per_pass
-                            else (layout.local_samples, layout.global_samples))
-            scale = float(local[j]) * self.world / max(1, int(total[j]))
-        return MixStep(x, geo.pool if s.separate else None, labels[src], index, valid, share, weight,
-                       int(layout.local_samples[j]), int(layout.global_samples[j]), scale, self.epoch, j)
+        return layout, j
+
 
     def loss(self, logits: torch.Tensor, step: MixStep) -> torch.Tensor:
         """The loss to back-propagate for ``step``, from the model's ``logits`` (``[B, K, classes]``
