@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixtrain import MixtrainError, load_data
+from mixtrain import MixtrainError, OptionError, load_data
 from mixtrain.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -200,5 +200,43 @@ def test_folder_errors(tmp_path):
     with pytest.raises(MixtrainError, match="val/"):
         load_data(f"folder:{tmp_path}", workers=1)
     _png_folder(str(tmp_path / "two"), np.random.default_rng(6), classes=("a", "b"))
-    with pytest.raises(MixtrainError, match="--placement must be auto, device or host"):
+    with pytest.raises(OptionError, match="^placement must be auto, device or host, got 'gpu'$"):
         load_data(f"folder:{tmp_path / 'two'}", image_size=8, workers=1, placement="gpu")
+
+
+def test_a_data_kind_is_one_registry_line_that_the_options_ask(monkeypatch, tmp_path, capsys):
+    """A kind registered under its prefix loads through load_data, and the checks and the auto model
+    ask the registry what it takes: nothing tests the spec string."""
+    from mixtrain import TrainConfig
+    from mixtrain.cli import main
+    from mixtrain.data import DATA_KINDS, DataKind, data_help, load_digits
+
+    calls = []
+
+    def load_mine(arg, image_size, **options):
+        calls.append((arg, image_size, options["cache_size"]))
+        return load_digits()
+
+    monkeypatch.setitem(DATA_KINDS, "mine", DataKind(load_mine, "mine:DIR", "my photos", needs_arg=True,
+                                                     image_size=160, imagenet_style=True))
+    assert load_data("mine:~/p", cache_size=96).num_train == 1437
+    assert calls == [(os.path.expanduser("~/p"), 160, 96)]
+    with pytest.raises(MixtrainError, match=r"^mine needs a directory: --data mine:DIR$"):
+        load_data("mine")
+    assert "mine:DIR (my photos)" in data_help()
+    # it is resampled: it takes image_size and cache_size, and auto picks the ImageNet stem at >= 128 px
+    TrainConfig(data="mine:p", image_size=32, cache_size=64).check()
+    assert TrainConfig(data="mine:p").resolved_model() == "resnet18_224"
+    assert TrainConfig(data="mine:p", image_size=64).resolved_model() == "resnet18"
+    with pytest.raises(OptionError, match=r"^image_size must be at least 8 pixels \(or 0 for 160\), got 4$"):
+        TrainConfig(data="mine:p", image_size=4).check()
+    # kinds that keep their own size refuse both, naming every kind that takes them
+    with pytest.raises(OptionError, match=r"^cache_size applies only to folder:DIR or mine:DIR data; 'npz:d' is used"):
+        TrainConfig(data="npz:d", cache_size=64).check()
+    assert TrainConfig(data="digits").resolved_model() == "digitnet"
+    assert TrainConfig(data="npz:d").resolved_model() == "resnet18"
+    assert TrainConfig(data="nope:d").resolved_model() == "resnet18"
+    # the command line lists it in --help
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "mine:DIR (my photos)" in " ".join(capsys.readouterr().out.split())

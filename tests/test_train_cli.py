@@ -13,6 +13,7 @@ import pytest
 
 from mixtrain import MixOptions, TrainConfig, train
 from mixtrain.cli import build_parser, config_from_args
+from mixtrain.options import OPTIONS
 
 # The test machine's few cores are shared: one thread avoids OpenMP oversubscription stalls.
 
@@ -147,10 +148,6 @@ def test_cli_bad_input_is_an_error_line(tmp_path):
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
 
 
-# CLI option of each MixOptions field (the others are --field-name)
-MIX_FLAGS = {"rule": "--mix-rule", "threshold": "--mix-threshold", "fraction": "--mix-fraction", "ratio": "--mix-ratio"}
-
-
 def _help(*argv, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*argv, "--help"])
@@ -158,16 +155,20 @@ def _help(*argv, capsys):
     return capsys.readouterr().out
 
 
+def _field_paths():
+    """Every option field of the config, as its config.json key (mixing options: mix.NAME)."""
+    return [f.name for f in fields(TrainConfig) if f.name != "mix"] + [f"mix.{f.name}" for f in fields(MixOptions)]
+
+
 def test_help_mentions_every_option(capsys):
     top = _help(capsys=capsys)
     assert "train" in top and "demo" in top
     text = " ".join(_help("train", capsys=capsys).split())
-    for f in fields(TrainConfig):
-        if f.name != "mix":
-            assert "--" + f.name.replace("_", "-") in text, f.name
-    for f in fields(MixOptions):
-        flag = MIX_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-        assert flag in text, f.name
+    for path in _field_paths():
+        assert OPTIONS[path].flag in text, path
+    # the mixing options whose flag is not --field-name keep their names
+    for flag in ("--mix-rule", "--mix-threshold", "--mix-fraction", "--mix-ratio"):
+        assert flag in text
     # defaults are shown
     assert "(default: 0.5)" in text and "(default: digits)" in text
     demo = _help("demo", capsys=capsys)
@@ -175,28 +176,38 @@ def test_help_mentions_every_option(capsys):
         assert flag in demo
 
 
-def test_cli_defaults_are_the_library_defaults_and_every_flag_reaches_the_config():
+def _other_value(o):
+    """(flag arguments, value): a value of option ``o`` other than its default, as given on the command line."""
+    d = o.default
+    if o.switch:
+        return [o.flag], True
+    if isinstance(d, bool):
+        return [o.flag, "off" if d else "on"], not d
+    if o.choices:
+        v = next(c for c in o.choices if c != d)
+        return [o.flag, v], v
+    if isinstance(d, int):
+        return [o.flag, str(d + 3)], d + 3
+    if isinstance(d, float):
+        return [o.flag, repr(d + 0.125)], d + 0.125
+    v = f"{d}-x" if d else "x"
+    return [o.flag, v], v
+
+
+def test_cli_defaults_are_the_library_defaults_and_every_field_has_a_flag_that_reaches_the_config():
     parser = build_parser()
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
-    args = parser.parse_args([
-        "train", "--data", "npz:/x", "--model", "resnet18", "--vit-separation", "pooling", "--method", "mixtrain", "--epochs", "7",
-        "--batch-size", "16", "--seed", "3", "--device", "cpu", "--out", "o", "--lr", "0.3", "--warmup", "0.1",
-        "--optimizer", "adamw", "--momentum", "0.8", "--nesterov", "off", "--weight-decay", "0.001", "--label-smoothing", "0.1", "--clip-grad", "3",
-        "--precision", "fp32", "--channels-last", "off", "--compile", "--cuda-graph", "off", "--image-size", "64", "--cache-size", "72", "--cache-dir", "/c", "--placement", "host", "--pad", "2",
-        "--flip", "on", "--workers", "3", "--eval-every", "2", "--eval-batch-size", "99", "--checkpoint-every", "5",
-        "--resume", "--deterministic", "--progress", "line", "--csv", "--tensorboard", "--save-checkpoints", "off",
-        "--warmup-epochs", "2", "--final-unmixed-epochs", "1", "--mix-rule", "fraction", "--confidence", "0.6",
-        "--mix-threshold", "0.2", "--mix-fraction", "0.4", "--quad-confidence", "0.95", "--mix-ratio", "fixed",
-        "--min-share", "0.3", "--pairing", "easy-hard", "--pair-resize", "on", "--quad-resize", "off",
-        "--loss-per", "passes", "--prune-ratio", "0.3", "--prune-until", "0.5",
-    ])
+    argv, want = ["train"], {}
+    for path in _field_paths():
+        assert path in OPTIONS, f"{path} has no declared option"
+        flag_args, want[path] = _other_value(OPTIONS[path])
+        argv += flag_args
+    args, unknown = parser.parse_known_args(argv)
+    assert not unknown, f"flags without an option in the parser: {unknown}"
     cfg = config_from_args(args)
-    default = TrainConfig()
-    for f in fields(TrainConfig):
-        if f.name != "mix":
-            assert getattr(cfg, f.name) != getattr(default, f.name), f"--{f.name} did not reach the config"
-    for f in fields(MixOptions):
-        assert getattr(cfg.mix, f.name) != getattr(default.mix, f.name), f"{f.name} did not reach the config"
+    for path, value in want.items():
+        got = getattr(cfg.mix, path[4:]) if path.startswith("mix.") else getattr(cfg, path)
+        assert got == value, f"{OPTIONS[path].flag} did not reach {path}: {got!r} != {value!r}"
 
 
 def test_folder_data_trains_through_its_cache(tmp_path):

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 from .batches import Batch, EpochBatches
 from .compose import Augment, Normalizer, compose, pool_masks
 from .data import load_data
-from .errors import MixtrainError, MixtrainWarning
+from .errors import MixtrainError, MixtrainWarning, OptionError
 from .loader import Mixer, MixSampler, MixStep
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
@@ -43,6 +43,7 @@ __all__ = [
     "MixtrainError",
     "MixtrainWarning",
     "Normalizer",
+    "OptionError",
     "SpatialModel",
     "Strategy",
     "TrainConfig",

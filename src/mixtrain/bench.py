@@ -27,6 +27,7 @@ import sys
 import time
 
 from .errors import MixtrainError
+from .options import METHODS, NOT_BENCH_SETUP, add_debug_option, add_train_options, config_from_args
 
 FORMAT = "mixtrain-bench/1"
 RESULTS = "results.json"
@@ -44,10 +45,9 @@ TIMING_NOTE = (
     "context and allocator growth before any timed run."
 )
 
-# options that do not change what is trained or how fast (the device is checked by its name
-# instead): ignored when a resumed bench is checked
-_NOT_SETUP = {"method", "epochs", "seed", "out", "resume", "device", "progress", "csv", "tensorboard",
-              "save_checkpoints", "checkpoint_every", "eval_every", "eval_batch_size"}
+# options that do not change what is trained or how fast, or that vary by run (the device is
+# checked by its name instead): ignored when a resumed bench is checked; declared in options.py
+_NOT_SETUP = NOT_BENCH_SETUP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,8 +726,6 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
 
 
 def cmd_bench(args):
-    from .cli import config_from_args
-
     methods = parse_methods(args.methods)
     epochs = parse_epochs(args.epoch_list)
     seeds = parse_seeds(args.seeds)
@@ -751,8 +749,6 @@ def cmd_report(args):
 
 
 def add_bench_commands(sub, fmt):
-    from .cli import METHODS, add_debug_option, add_train_options
-
     b = sub.add_parser(
         "bench", help="time-to-accuracy benchmark: every method x epochs x seed, one process", formatter_class=fmt,
         description="Train every combination of --methods, --epochs and --seeds on the same data (loaded once, "

@@ -5,117 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
 
 from .errors import MixtrainError
-
-METHODS = "baseline, mixtrain, cutmix, mixup, infobatch"
-
-
-def _bool(s: str) -> bool:
-    v = s.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {s!r}")
-
-
-def add_debug_option(p: argparse.ArgumentParser):
-    """``--debug`` on a subcommand. Suppressed default: ``mixtrain --debug CMD`` (the top-level
-    flag) is not reset to False by the subcommand's parser."""
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
-
-
-def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
-    """Options shared by ``train`` and ``bench`` (``bench`` takes lists for epochs/methods/seeds)."""
-    from .data import DATA_HELP
-    from .models import MODEL_HELP
-    from .strategies import MixOptions
-    from .trainer import TrainConfig
-
-    d = TrainConfig()
-    m = MixOptions()
-    g = p.add_argument_group("run")
-    g.add_argument("--data", default=d.data, help=f"dataset: {DATA_HELP}")
-    g.add_argument("--model", default=d.model, help=f"model: auto (digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise); {MODEL_HELP}")
-    g.add_argument("--vit-separation", default=d.vit_separation, help="ViTs: attention (each constituent's tokens attend only to each other, with position embeddings for its own region: exactly as if alone) or pooling (region pooling only)")
-    if not multi:
-        g.add_argument("--method", default=d.method, help=f"training method: {METHODS}")
-        g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (passes over the training set)")
-        g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, plans and augmentation")
-        g.add_argument("--out", default=d.out, help="output folder: config.json, metrics.json, checkpoint.pt, logs")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images (passes) per step, per process")
-    g.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu, cuda or cuda:N (the N-th visible GPU)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (one-cycle schedule in samples seen; the default suits SGD)")
-    o.add_argument("--warmup", type=float, default=d.warmup, help="fraction of all samples over which the LR rises from 0 to its peak")
-    o.add_argument("--optimizer", default=d.optimizer, help="sgd (with --momentum and --nesterov) or adamw (the usual choice for ViTs: give it its own --lr, e.g. 1e-3, and --weight-decay, e.g. 0.05)")
-    o.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    o.add_argument("--nesterov", type=_bool, default=d.nesterov, metavar="on|off", help="Nesterov momentum")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (not on biases and norm weights)")
-    o.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the cross-entropy")
-    o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the global gradient norm to this value before each step, a guard against loss spikes (0: off; on ResNet-18/CIFAR-10 the norm is about 1, so 2 clips only the spikes)")
-    o.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
-    o.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off", help="channels-last memory layout on CUDA")
-    o.add_argument("--compile", action="store_true", help="torch.compile the model")
-    o.add_argument("--cuda-graph", default=d.cuda_graph, help="capture the whole training step as a CUDA graph: auto (on for one CUDA process with resident data and no --compile), on, off")
-    a = p.add_argument_group("data handling")
-    a.add_argument("--image-size", type=int, default=d.image_size, help="folder data: training resolution (0: 224)")
-    a.add_argument("--cache-size", type=int, default=d.cache_size, help="folder data: image size of the decoded cache (shorter side resized, centre crop; 0: the training resolution)")
-    a.add_argument("--cache-dir", default=d.cache_dir, help="folder data: where decoded caches live (empty: $MIXTRAIN_CACHE, else ~/.cache/mixtrain/folders)")
-    a.add_argument("--placement", default=d.placement, help="folder data: auto (the cache on the GPU when it fits, else streamed), device, host (streamed from host memory)")
-    a.add_argument("--pad", type=int, default=d.pad, help="random-crop padding in pixels (-1: the data's default: image size / 8; 0 for folders)")
-    a.add_argument("--flip", default=d.flip, help="random horizontal flip: auto (the data's default: off for digits), on, off")
-    a.add_argument("--workers", type=int, default=d.workers, help="folder data: processes that decode the images when the cache is built (0: all CPU cores)")
-    x = p.add_argument_group("mixing and pruning (mixtrain, cutmix, mixup, infobatch)")
-    x.add_argument("--warmup-epochs", type=int, default=m.warmup_epochs, help="first epochs trained unmixed (the loss memory fills)")
-    x.add_argument("--final-unmixed-epochs", type=int, default=m.final_unmixed_epochs, help="last epochs trained unmixed (-1: one per 15 epochs of the schedule, at least one: 1 of 10, 2 of 30)")
-    x.add_argument("--mix-rule", default=m.rule, help="which samples are mixed: auto (classified right with p(true) >= --confidence), threshold (loss < --mix-threshold), fraction (lowest-loss --mix-fraction), all")
-    x.add_argument("--confidence", type=float, default=m.confidence, help="auto rule: true-class probability a sample needs in its last pass to be mixed")
-    x.add_argument("--mix-threshold", type=float, default=m.threshold, help="threshold rule: mix samples whose last loss is below this")
-    x.add_argument("--mix-fraction", type=float, default=m.fraction, help="fraction rule: mix this fraction of the lowest-loss samples")
-    x.add_argument("--quad-confidence", type=float, default=m.quad_confidence, help="> 0: samples with p(true) >= this are mixed four to an image (2x2 grid)")
-    x.add_argument("--mix-ratio", default=m.ratio, help="adaptive (area share from previous losses: the harder sample gets more) or fixed (1/2)")
-    x.add_argument("--min-share", type=float, default=m.min_share, help="each constituent's area share is clipped to [min, 1-min]")
-    x.add_argument("--pairing", default=m.pairing, help="random, or easy-hard (easiest mixable with hardest mixable)")
-    x.add_argument("--pair-resize", type=_bool, default=m.pair_resize, metavar="on|off", help="downscale pair constituents into their region instead of cropping")
-    x.add_argument("--quad-resize", type=_bool, default=m.quad_resize, metavar="on|off", help="downscale quad constituents into their quadrant instead of cropping")
-    x.add_argument("--prune-ratio", type=float, default=m.prune_ratio, help="infobatch: fraction of the samples with below-mean loss left out of each pruned epoch (the kept ones weigh 1/(1-r))")
-    x.add_argument("--prune-until", type=float, default=m.prune_until, help="infobatch: prune in the epochs before this fraction of the schedule, then train on all the data")
-    x.add_argument("--loss-per", default=m.loss_per, help="batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger steps when more is mixed)")
-    r = p.add_argument_group("logging and checkpoints")
-    r.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: at the end only; never timed)")
-    r.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for evaluation")
-    r.add_argument("--progress", default=d.progress, help="auto (bar on a terminal, one line per epoch otherwise), bar, line, none")
-    r.add_argument("--csv", action="store_true", help="write a per-epoch log to OUT/log.csv")
-    r.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to OUT/tb")
-    if not multi:
-        r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: at epoch ends only)")
-        r.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
-    r.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact repeats on the CPU)")
-    r.add_argument("--save-checkpoints", type=_bool, default=d.save_checkpoints, metavar="on|off", help="write OUT/checkpoint.pt during training (needed for --resume)")
-
-
-# option dest -> MixOptions field, where the flag is not --field-name (--mix-rule sets mix.rule)
-MIX_DESTS = {"mix_rule": "rule", "mix_threshold": "threshold", "mix_fraction": "fraction", "mix_ratio": "ratio"}
-
-
-def args_as_config(args, only=None) -> dict:
-    """The training options in ``args`` as a dict in ``config.json``'s layout (mixing options under
-    ``mix``); ``only``: the option dests to take (None: every one ``args`` holds)."""
-    from .strategies import MixOptions
-    from .trainer import TrainConfig
-
-    def wanted(dest):
-        return hasattr(args, dest) and (only is None or dest in only)
-
-    out = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "mix" and wanted(f.name)}
-    dest = {field: d for d, field in MIX_DESTS.items()}
-    mix = {f.name: getattr(args, dest.get(f.name, f.name)) for f in fields(MixOptions) if wanted(dest.get(f.name, f.name))}
-    if mix:
-        out["mix"] = mix
-    return out
+from .options import (  # noqa: F401 (add_train_options, config_from_args: re-exported for their old users)
+    METHODS,
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    add_debug_option,
+    add_train_options,
+    args_as_config,
+    cli_message,
+    config_differences,
+    config_from_args,
+    flag_for,
+)
 
 
 def _merged(base: dict, top: dict) -> dict:
@@ -124,13 +27,6 @@ def _merged(base: dict, top: dict) -> dict:
     if "mix" in top:
         out["mix"] = {**base.get("mix", {}), **top["mix"]}
     return out
-
-
-def config_from_args(args, **override):
-    """The :class:`~mixtrain.TrainConfig` of parsed ``train`` (or ``bench``) options, ``override`` on top."""
-    from .trainer import TrainConfig
-
-    return TrainConfig.from_dict({**args_as_config(args), **override})
 
 
 def given_options(argv: list[str]) -> set[str]:
@@ -158,8 +54,6 @@ def read_config(path: str, flag: str = "--config") -> dict:
     ``resume`` is never read from a file (give ``--resume``); the run-describing keys a
     ``config.json`` also holds are skipped."""
     import json
-
-    from .trainer import TrainConfig
 
     where = f"{flag} {path}"
     try:
@@ -222,8 +116,6 @@ def train_config(args) -> "TrainConfig":
     besides it must match it or be ones a resumed run may change, else the run is refused naming
     the differences. Without ``--resume``, an ``--out`` that holds a run is refused unless
     ``--overwrite`` is given."""
-    from .trainer import RESUMABLE_CHANGES, TrainConfig, config_differences
-
     if args.resume and args.overwrite:
         raise MixtrainError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     given = given_options(args.argv)
@@ -239,7 +131,7 @@ def train_config(args) -> "TrainConfig":
             cfg = TrainConfig.from_dict(_merged(saved.to_dict(), stated))
             diff = config_differences(saved, cfg)
             if diff:
-                may = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_CHANGES - {"out", "resume"}))
+                may = ", ".join(flag_for(k) for k in sorted(RESUMABLE_CHANGES - {"out", "resume"}))
                 raise MixtrainError(
                     f"cannot resume {out}: the command gives other options than the run's config.json "
                     f"({'; '.join(diff)}). Leave them out to continue with the run's own, or train afresh into "
@@ -284,7 +176,7 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    from .trainer import TrainConfig, train
+    from .trainer import train
 
     rows = []
     for method in args.methods.split(","):
@@ -344,7 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=_version(), help="print the versions of mixtrain and torch and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add_command in (_add_train_command, _add_demo_command, _add_prepare_command, _add_models_command):
+        add_command(sub, fmt)
 
+    from .show import add_show_command
+
+    add_show_command(sub, fmt)
+
+    from .bench import add_bench_commands
+
+    add_bench_commands(sub, fmt)
+    return p
+
+
+def _add_train_command(sub, fmt):
     t = sub.add_parser("train", help="train one configuration and write OUT/metrics.json", formatter_class=fmt,
                        description="Train one model with one method; writes config.json, metrics.json and checkpoint.pt to --out.")
     add_train_options(t)
@@ -358,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(t)
     t.set_defaults(func=cmd_train)
 
+
+def _add_demo_command(sub, fmt):
     d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (under a minute on 2 cores)",
                        formatter_class=fmt, description="Train a small CNN on scikit-learn's digits with each method and print a table.")
     d.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
@@ -370,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_prepare_command(sub, fmt):
     pr = sub.add_parser("prepare", help="decode an image folder once into its cache (train and bench do it on first use)",
                         formatter_class=fmt,
                         description="Decode every image of folder:DIR once, with all CPU cores, into a memory-mapped uint8 "
@@ -383,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_option(pr)
     pr.set_defaults(func=cmd_prepare)
 
+
+def _add_models_command(sub, fmt):
     mo = sub.add_parser("models", help="list the built-in models with their feature grid at an image size",
                         formatter_class=fmt,
                         description="Every built-in --model with its final feature grid (the cells regions are cut "
@@ -394,18 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--channels", type=int, default=3, help="input channels (digitnet: 1 at its own size)")
     add_debug_option(mo)
     mo.set_defaults(func=cmd_models)
-
-    from .show import add_show_command
-
-    add_show_command(sub, fmt)
-
-    try:
-        from .bench import add_bench_commands
-
-        add_bench_commands(sub, fmt)
-    except ImportError:
-        pass
-    return p
 
 
 def _version() -> str:
@@ -507,7 +406,7 @@ def main(argv=None) -> int:
             if e.worker_traceback:
                 print(e.worker_traceback, file=sys.stderr)
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,12 +20,13 @@ import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .compose import Augment
-from .errors import MixtrainError
+from .errors import MixtrainError, OptionError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -367,7 +368,7 @@ class FolderData(DataSource):
         from .folder_cache import open_cache
 
         if placement not in ("auto", "device", "host"):
-            raise MixtrainError(f"--placement must be auto, device or host, got {placement!r}")
+            raise OptionError("{placement} must be auto, device or host, got {got!r}", got=placement)
         self.name = f"folder:{root}"
         self.root = root
         self.size = int(size)
@@ -461,35 +462,99 @@ class FolderData(DataSource):
 # ----------------------------------------------------------------------------------------------
 
 
-DATA_HELP = (
-    "digits (scikit-learn's bundled 8x8 digits, upsampled to 16x16; the default), "
-    "cifar10[:DIR], cifar100[:DIR] (torchvision; downloads when online, or reads DIR), "
-    "npz:DIR (train_*.npz + test.npz with x uint8 [N,H,W,C] and y [N]), "
-    "folder:DIR (ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*; decoded once into a cache, see --cache-dir)"
-)
+# the registry of --data kinds
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """One kind of ``--data`` spec, registered in :data:`DATA_KINDS` under the prefix before ``:``.
+
+    ``load(arg, **options)`` returns its :class:`DataSource`: ``arg`` is the spec's part after the
+    ``:`` (``~`` expanded; None when there is none), and ``options`` are ``image_size``,
+    ``cache_size``, ``cache_dir``, ``workers`` and ``placement`` (a loader takes what it uses in
+    ``**_``). The other fields say what the options and ``--model auto`` make of it, so that no
+    code outside this module tests the spec string.
+    """
+
+    load: Callable[..., DataSource]
+    form: str  # how the spec is written: "npz:DIR", "cifar10[:DIR]"
+    help: str  # what it is, for --help (kinds with the same help are listed together)
+    needs_arg: bool = False  # the spec must name something after the ":" (a directory)
+    image_size: int = 0  # > 0: images are resampled to a training resolution, this one unless --image-size
+    #                      gives another (from a cache of --cache-size px); 0: they keep their own size
+    imagenet_style: bool = False  # photos: --model auto is ImageNet-style (resnet18_224) at >= 128 px
+    auto_model: str = ""  # the model --model auto trains ("": resnet18, or resnet18_224 as above)
+
+
+def _load_digits(arg, **_):
+    return load_digits()
+
+
+def _load_cifar10(arg, **_):
+    return load_cifar("cifar10", arg)
+
+
+def _load_cifar100(arg, **_):
+    return load_cifar("cifar100", arg)
+
+
+def _load_npz(arg, **_):
+    return load_npz(arg)
+
+
+def _load_folder(arg, image_size, cache_size, cache_dir, workers, placement, **_):
+    _check_dir(arg)
+    return FolderData(arg, image_size, cache_size, cache_dir, workers, placement)
+
+
+_CIFAR_HELP = "torchvision; downloads when online, or reads DIR"
+
+# prefix -> kind. A new source: a loader (here, or in its own module) and one line here.
+DATA_KINDS: dict[str, DataKind] = {
+    "digits": DataKind(_load_digits, "digits", "scikit-learn's bundled 8x8 digits, upsampled to 16x16; the default",
+                       auto_model="digitnet"),
+    "cifar10": DataKind(_load_cifar10, "cifar10[:DIR]", _CIFAR_HELP),
+    "cifar100": DataKind(_load_cifar100, "cifar100[:DIR]", _CIFAR_HELP),
+    "npz": DataKind(_load_npz, "npz:DIR", "train_*.npz + test.npz with x uint8 [N,H,W,C] and y [N]", needs_arg=True),
+    "folder": DataKind(_load_folder, "folder:DIR", "ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*; decoded "
+                       "once into a cache, see --cache-dir", needs_arg=True, image_size=224, imagenet_style=True),
+}
+
+
+def data_kind(spec: str) -> DataKind | None:
+    """The registered kind of a ``--data`` spec (None: no kind has its prefix)."""
+    return DATA_KINDS.get(spec.partition(":")[0])
+
+
+def data_help() -> str:
+    """Every registered kind with what it is, for ``--help`` and error messages."""
+    parts: list[list] = []  # [forms, help]: neighbours with the same help are listed together
+    for kind in DATA_KINDS.values():
+        if parts and parts[-1][1] == kind.help:
+            parts[-1][0].append(kind.form)
+        else:
+            parts.append([[kind.form], kind.help])
+    return ", ".join(f"{', '.join(forms)} ({text})" for forms, text in parts)
+
+
+DATA_HELP = data_help()
 
 
 def load_data(spec: str, image_size: int | None = None, workers: int = 0, cache_size: int = 0, cache_dir: str = "",
               placement: str = "auto"):
-    """Parse ``--data SPEC`` and load it. See :data:`DATA_HELP` for the forms.
+    """Parse ``--data SPEC`` and load it through its kind in :data:`DATA_KINDS`. See
+    :data:`DATA_HELP` for the forms.
 
     Folder options: ``image_size`` (training resolution, default 224), ``cache_size`` (the cache's
     image size, default ``image_size``), ``cache_dir``, ``workers`` (decoding processes when the
     cache is built; 0: all cores) and ``placement`` (see :class:`FolderData`).
     """
-    kind, _, arg = spec.partition(":")
+    prefix, _, arg = spec.partition(":")
+    kind = DATA_KINDS.get(prefix)
+    if kind is None:
+        raise MixtrainError(f"unknown data spec {spec!r}; use one of: {data_help()}")
     arg = os.path.expanduser(arg) if arg else None
-    if kind == "digits":
-        return load_digits()
-    if kind in ("cifar10", "cifar100"):
-        return load_cifar(kind, arg)
-    if kind == "npz":
-        if not arg:
-            raise MixtrainError("npz needs a directory: --data npz:DIR")
-        return load_npz(arg)
-    if kind == "folder":
-        if not arg:
-            raise MixtrainError("folder needs a directory: --data folder:DIR")
-        _check_dir(arg)
-        return FolderData(arg, image_size or 224, cache_size, cache_dir, workers, placement)
-    raise MixtrainError(f"unknown data spec {spec!r}; use one of: {DATA_HELP}")
+    if kind.needs_arg and not arg:
+        raise MixtrainError(f"{prefix} needs a directory: --data {kind.form}")
+    return kind.load(arg, image_size=image_size or kind.image_size or None, cache_size=cache_size,
+                     cache_dir=cache_dir, workers=workers, placement=placement)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import MixtrainError
+from .errors import MixtrainError, OptionError
 
 # Set to a folder to make each rank write what it trained on each epoch (a debugging aid, and
 # what the tests check): ``rank{r}_epoch{e}.npz`` with the rank's sample ids and plan hashes.
@@ -86,22 +86,22 @@ class DistInfo:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device`` (auto, cpu, cuda, cuda:N) as a device; a clear error for what cannot be used."""
+    """The ``device`` option (auto, cpu, cuda, cuda:N) as a device; an :class:`OptionError` for what
+    cannot be used."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     m = re.fullmatch(r"cuda(?::(\d+))?", name)
     if not m:
-        raise MixtrainError(f"--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {name!r}")
+        raise OptionError("{device} must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {got!r}", got=name)
     if not torch.cuda.is_available():
-        raise MixtrainError(f"--device {name} asked for, but PyTorch sees no CUDA GPU")
+        raise OptionError("{device} {got} asked for, but PyTorch sees no CUDA GPU", got=name)
     if m.group(1) is not None:
         index, count = int(m.group(1)), torch.cuda.device_count()
         if index >= count:
-            raise MixtrainError(
-                f"--device {name}: no such GPU; PyTorch sees {count} (cuda:0 to cuda:{count - 1})"
-            )
+            raise OptionError("{device} {got}: no such GPU; PyTorch sees {count} (cuda:0 to cuda:{last})",
+                              got=name, count=count, last=count - 1)
         return torch.device("cuda", index)
     return torch.device("cuda")
 

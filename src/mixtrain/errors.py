@@ -1,6 +1,8 @@
-"""The one exception type that reaches users as a plain message instead of a traceback, and the
-one warning type for settings that work but probably not as meant."""
+"""The one exception type that reaches users as a plain message instead of a traceback (with its
+kind for options, which names them by field or by flag), and the one warning type for settings
+that work but probably not as meant."""
 
+import string
 import warnings
 
 _WORKER_MARKER = "Caught MixtrainError in DataLoader worker"
@@ -29,6 +31,60 @@ class MixtrainError(Exception):
                 self.worker_traceback = text
                 message = text[at + len(marker) :].strip()
         super().__init__(message, *args)
+
+
+class OptionError(MixtrainError):
+    """An option out of its range, or at odds with another option. The message names each option
+    by its field (``batch_size must be at least 1, got 0``; ``mix.rule`` for a mixing option of a
+    :class:`~mixtrain.TrainConfig`); the command line names them by flag instead (``--batch-size
+    must be at least 1, got 0``) through :meth:`render`.
+
+    ``template`` is a :meth:`str.format` string: a ``{name}`` that is one of ``values`` stands for
+    that value (with its conversion and format spec, as ``{got!r}``), any other ``{name}`` for the
+    option of that field. :attr:`options` lists the options it names.
+    """
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        super().__init__(self.render())
+
+    @property
+    def options(self) -> list[str]:
+        """The fields of the options the message names, in order (each once)."""
+        names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None and f not in self.values]
+        return list(dict.fromkeys(names))
+
+    def render(self, name=str) -> str:
+        """The message with each option written as ``name(field)`` (the field itself by default)."""
+        return _OptionNames(name).vformat(self.template, (), self.values)
+
+    def within(self, prefix: str) -> "OptionError":
+        """The same error for options that sit under ``prefix`` (``mix``: ``rule`` becomes ``mix.rule``)."""
+        parts = []
+        for text, f, spec, conversion in string.Formatter().parse(self.template):
+            parts.append(text.replace("{", "{{").replace("}", "}}"))
+            if f is not None:
+                f = f if f in self.values else f"{prefix}.{f}"
+                parts.append("{" + f + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+        return OptionError("".join(parts), **self.values)
+
+    def __reduce__(self):  # pickled (a worker process's error) with its template and values
+        return _option_error, (self.template, self.values)
+
+
+def _option_error(template: str, values: dict) -> OptionError:
+    return OptionError(template, **values)
+
+
+class _OptionNames(string.Formatter):
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def get_field(self, field_name, args, kwargs):
+        if field_name in kwargs:
+            return kwargs[field_name], field_name
+        return self.name(field_name), field_name
 
 
 class MixtrainWarning(UserWarning):

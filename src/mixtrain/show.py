@@ -500,7 +500,7 @@ def cmd_show(args):
 def add_show_command(sub, fmt):
     import argparse
 
-    from .cli import METHODS, add_debug_option
+    from .options import METHODS, add_debug_option
 
     s = sub.add_parser(
         "show", help="draw one planned batch of composites (regions, labels, area shares, tiers) as a PNG",

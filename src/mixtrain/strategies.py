@@ -15,7 +15,7 @@ The baseline is the same loop with a plan that mixes nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
@@ -23,67 +23,7 @@ from . import plan as P
 from .errors import MixtrainError, notice
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
-
-
-@dataclass
-class MixOptions:
-    """Options of the mixing strategies (every default is visible in ``--help`` and the config)."""
-
-    warmup_epochs: int = 1  # first epochs unmixed, so the loss memory fills
-    final_unmixed_epochs: int = -1  # last epochs unmixed; -1: one per 15 epochs of the schedule, at least one (10 -> 1, 30 -> 2)
-    rule: str = "auto"  # auto | threshold | fraction | all
-    confidence: float = 0.5  # auto: mix a sample last classified right with p(true) >= this
-    threshold: float = 0.3  # threshold: mix a sample whose last loss < this
-    fraction: float = 0.5  # fraction: mix this fraction of lowest-loss samples
-    quad_confidence: float = 0.9  # > 0: samples with p(true) >= this go four to an image (2x2); 0: pairs only
-    ratio: str = "adaptive"  # adaptive (harder sample gets more area) | fixed (1/2)
-    min_share: float = 0.25  # clip each constituent's area share to [min_share, 1 - min_share]
-    pairing: str = "random"  # random | easy-hard
-    pair_resize: bool = False  # downscale pair constituents into their region instead of cropping
-    quad_resize: bool = True  # downscale quad constituents into their quadrant instead of cropping
-    loss_per: str = "samples"  # batch loss = sum of sample losses / samples carried | / passes
-    prune_ratio: float = 0.5  # infobatch: fraction of the below-mean-loss samples left out of an epoch
-    prune_until: float = 0.875  # infobatch: prune in the epochs before this fraction of the schedule, then use all data
-
-    def check(self):
-        """Raise :class:`MixtrainError` naming the first option out of its range."""
-        if self.rule not in ("auto", "threshold", "fraction", "all"):
-            raise MixtrainError(f"unknown mix rule {self.rule!r} (auto, threshold, fraction, all)")
-        if self.ratio not in ("adaptive", "fixed"):
-            raise MixtrainError(f"unknown mix ratio {self.ratio!r} (adaptive, fixed)")
-        if self.pairing not in ("random", "easy-hard"):
-            raise MixtrainError(f"unknown pairing {self.pairing!r} (random, easy-hard)")
-        if self.loss_per not in ("samples", "passes"):
-            raise MixtrainError(f"unknown loss normalisation {self.loss_per!r} (samples, passes)")
-        if not 0.0 < self.min_share <= 0.5:
-            raise MixtrainError(f"min share must be in (0, 0.5], got {self.min_share}")
-        if not 0.0 <= self.fraction <= 1.0:
-            raise MixtrainError(f"mix fraction must be in [0, 1], got {self.fraction}")
-        # comparisons written so that NaN fails them too
-        if not 0.0 < self.confidence <= 1.0:
-            raise MixtrainError(
-                f"--confidence is a probability of the true class and must be in (0, 1], got {self.confidence}"
-            )
-        if not 0.0 <= self.quad_confidence <= 1.0:
-            raise MixtrainError(
-                f"--quad-confidence is a probability of the true class and must be in [0, 1] (0: pairs only, no quads), "
-                f"got {self.quad_confidence}"
-            )
-        if not 0.0 <= self.threshold < math.inf:
-            raise MixtrainError(f"--mix-threshold is a loss and must be a finite number >= 0, got {self.threshold}")
-        if not 0.0 <= self.prune_ratio < 1.0:
-            raise MixtrainError(f"--prune-ratio is the fraction of easy samples left out and must be in [0, 1), got {self.prune_ratio}")
-        if not 0.0 <= self.prune_until <= 1.0:
-            raise MixtrainError(f"--prune-until is a fraction of the schedule and must be in [0, 1], got {self.prune_until}")
-        if self.warmup_epochs < 0:
-            raise MixtrainError("warm-up epochs must be >= 0")
-        if self.final_unmixed_epochs < -1:
-            raise MixtrainError("final unmixed epochs must be >= 0, or -1 for one per 15 epochs of the schedule (at least one)")
-
-    def final_epochs(self, num_epochs: int) -> int:
-        """Unmixed epochs at the end of a ``num_epochs`` schedule (resolves -1: one per 15 epochs, at
-        least one -- batch-norm statistics then end on whole images; measured in the method card)."""
-        return max(1, num_epochs // 15) if self.final_unmixed_epochs < 0 else self.final_unmixed_epochs
+from .options import MixOptions  # declared with every other option (re-exported here)
 
 
 class Strategy:
@@ -295,7 +235,8 @@ class MixTrain(_Mixing):
     """The MixTrain method: separated loss, adaptive ratio, loss-based choice of what is mixed.
 
     Usable in any training loop: call :meth:`plan_epoch` at the start of each epoch and
-    :meth:`observe` after each step with the per-sample losses (see the README).
+    :meth:`record` after each step with the step's predictions (it feeds :meth:`observe`, the
+    loss memory; see the README).
     """
 
     name = "mixtrain"

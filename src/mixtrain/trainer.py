@@ -13,14 +13,13 @@ channels-last on CUDA, optional ``torch.compile``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
 import time
 import dataclasses
 import functools
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,165 +33,8 @@ from .data import load_data
 from .errors import MixtrainError, out_of_memory
 from .models import adapt, create_model
 from .schedule import step_lrs
-from .strategies import MixOptions, create_strategy
-
-
-MIN_IMAGE_SIZE = 8  # smallest --image-size for folder data (a random-resized crop below this is noise)
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run, with its default. Saved as ``config.json`` next to results."""
-
-    data: str = "digits"
-    model: str = "auto"  # auto: digitnet for digits, resnet18_224 for folders at >= 128 px, resnet18 otherwise
-    vit_separation: str = "attention"  # ViTs: attention (each constituent attends to its own tokens) | pooling (region pooling only)
-    method: str = "baseline"
-    epochs: int = 30
-    batch_size: int = 512
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/latest"
-    lr: float = 0.2  # peak learning rate of the one-cycle schedule
-    warmup: float = 0.15  # fraction of all samples over which the LR rises to its peak
-    optimizer: str = "sgd"  # sgd (momentum, Nesterov) | adamw (momentum and Nesterov unused)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    clip_grad: float = 2.0  # clip the global gradient norm to this (0: off): a guard against loss spikes
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: bool = True  # on CUDA
-    compile: bool = False
-    cuda_graph: str = "auto"  # auto (on for one CUDA process with resident data, no compile) | on | off
-    image_size: int = 0  # folder: training resolution (0: 224); tensor data keep their size
-    cache_size: int = 0  # folder: the decoded cache's image size (0: the training resolution)
-    cache_dir: str = ""  # folder: where decoded caches live ("": $MIXTRAIN_CACHE or ~/.cache/mixtrain/folders)
-    placement: str = "auto"  # folder: auto (on the GPU when it fits) | device | host (streamed from host memory)
-    pad: int = -1  # random-crop padding in pixels (-1: the data's default: image size / 8; folders: 0)
-    flip: str = "auto"  # auto (the data's default: off for digits) | on | off
-    workers: int = 0  # folder: processes that decode images when its cache is built (0: all CPU cores)
-    eval_every: int = 0  # evaluate on the test split every N epochs (0: only at the end)
-    eval_batch_size: int = 1024
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends only)
-    resume: bool = False
-    deterministic: bool = False
-    progress: str = "auto"  # auto (bar on a terminal, a line per epoch otherwise) | bar | line | none
-    csv: bool = False  # write out/log.csv
-    tensorboard: bool = False  # write TensorBoard events under out/tb
-    save_checkpoints: bool = True
-    mix: MixOptions = field(default_factory=MixOptions)
-
-    def resolved_model(self) -> str:
-        """The model ``auto`` stands for with this data (or the model named)."""
-        if self.model != "auto":
-            return self.model
-        if self.data == "digits":
-            return "digitnet"
-        # ImageNet-style folders get the ImageNet-style stem; a CIFAR stem at 224 px would cost ~50x
-        if self.data.startswith("folder:") and (self.image_size == 0 or self.image_size >= 128):
-            return "resnet18_224"
-        return "resnet18"
-
-    def to_dict(self) -> dict:
-        """Every option as plain data (``config.json``'s layout: mixing options under ``mix``)."""
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "TrainConfig":
-        """The config of a :meth:`to_dict` dict (keys it does not know are ignored)."""
-        d = dict(d)
-        mix = MixOptions(**d.pop("mix", {}))
-        names = {f.name for f in fields(TrainConfig)}
-        return TrainConfig(mix=mix, **{k: v for k, v in d.items() if k in names})
-
-    def check(self):
-        """Raise :class:`MixtrainError` naming the first option out of its range (before any data loads)."""
-        if self.epochs < 1:
-            raise MixtrainError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise MixtrainError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise MixtrainError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.cuda_graph not in ("auto", "on", "off"):
-            raise MixtrainError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
-        if self.flip not in ("auto", "on", "off"):
-            raise MixtrainError(f"--flip must be auto, on or off, got {self.flip!r}")
-        if self.progress not in ("auto", "bar", "line", "none"):
-            raise MixtrainError(f"--progress must be auto, bar, line or none, got {self.progress!r}")
-        for name in ("checkpoint_every", "eval_every", "workers"):
-            if getattr(self, name) < 0:
-                raise MixtrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.eval_batch_size < 1:
-            raise MixtrainError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
-        if not math.isfinite(self.lr) or self.lr < 0:
-            raise MixtrainError(f"--lr must be a finite number >= 0, got {self.lr}")
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise MixtrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise MixtrainError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
-            raise MixtrainError("--nesterov on needs --momentum > 0; give --nesterov off for plain SGD without momentum")
-        if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN
-            raise MixtrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not math.isfinite(self.clip_grad) or self.clip_grad < 0:
-            raise MixtrainError(f"--clip-grad must be a finite number >= 0 (0: off), got {self.clip_grad}")
-        if not 0.0 <= self.warmup <= 1.0:
-            raise MixtrainError(f"--warmup is a fraction of all samples and must be in [0, 1], got {self.warmup}")
-        if self.pad < -1:
-            raise MixtrainError(f"--pad must be >= 0, or -1 for image size / 8, got {self.pad}")
-        if self.vit_separation not in ("attention", "pooling"):
-            raise MixtrainError(f"--vit-separation must be attention or pooling, got {self.vit_separation!r}")
-        if self.placement not in ("auto", "device", "host"):
-            raise MixtrainError(f"--placement must be auto, device or host, got {self.placement!r}")
-        if self.cache_size < 0:
-            raise MixtrainError(f"--cache-size must be >= 0 (0: the training resolution), got {self.cache_size}")
-        if self.cache_size and not self.data.startswith("folder:"):
-            raise MixtrainError(f"--cache-size applies only to folder:DIR data; {self.data!r} is used as it is")
-        if self.image_size != 0:
-            if not self.data.startswith("folder:"):
-                raise MixtrainError(
-                    f"--image-size applies only to folder:DIR data (it sets their training resolution); "
-                    f"{self.data!r} keeps its own image size, so leave --image-size at 0"
-                )
-            if self.image_size < MIN_IMAGE_SIZE:
-                raise MixtrainError(
-                    f"--image-size must be at least {MIN_IMAGE_SIZE} pixels (or 0 for 224), got {self.image_size}"
-                )
-        from .models import check_model_name
-        from .strategies import STRATEGIES
-
-        if self.method not in STRATEGIES:  # checked here so a typo fails before the data loads
-            raise MixtrainError(f"unknown method {self.method!r}; choose from {', '.join(STRATEGIES)}")
-        check_model_name(self.resolved_model())
-        self.mix.check()
-
-
-# Options a resumed run may change: where and how it runs, not what it computes. Every other
-# option (including any added later) must match the checkpoint's.
-RESUMABLE_CHANGES = frozenset({
-    "device", "out", "precision", "channels_last", "compile", "cuda_graph", "workers", "cache_dir", "placement",
-    "eval_every", "eval_batch_size",
-    "checkpoint_every", "resume", "deterministic", "progress", "csv", "tensorboard", "save_checkpoints",
-})
-
-
-def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
-    """``key: saved -> current`` for every run-defining option that differs."""
-    a, b = saved.to_dict(), current.to_dict()
-    a["model"], b["model"] = saved.resolved_model(), current.resolved_model()
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
-            continue
-        if key == "mix":
-            ma, mb = a.get("mix", {}), b.get("mix", {})
-            out += [f"mix.{k}: {ma.get(k)!r} -> {mb.get(k)!r}" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
-        elif a.get(key) != b.get(key):
-            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return out
+from .options import MIN_IMAGE_SIZE, RESUMABLE_CHANGES, MixOptions, TrainConfig, config_differences  # noqa: F401 (re-exported)
+from .strategies import create_strategy
 
 
 def versions() -> dict:

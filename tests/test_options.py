@@ -1,0 +1,125 @@
+"""Every option declared once (mixtrain.options): the docs table, the errors that name fields in the
+library and flags on the command line, and what ``bench`` takes."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mixtrain import MixOptions, OptionError, TrainConfig
+from mixtrain.cli import build_parser, main
+from mixtrain.options import (NOT_BENCH_SETUP, OPTIONS, REGENERATE_DOCS, RESUMABLE_CHANGES, config_from_args, flag_for,
+                              options_markdown)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+
+
+def test_docs_options_md_is_generated_from_the_declarations():
+    assert DOCS.read_text() == options_markdown(), f"docs/options.md is out of date; regenerate it: {REGENERATE_DOCS}"
+    text = DOCS.read_text()
+    for o in OPTIONS.values():
+        assert f"| `{o.name}` | `{o.flag}" in text, o.name
+
+
+def test_every_field_is_declared_with_its_own_flag():
+    paths = [f.name for f in fields(TrainConfig) if f.name != "mix"] + [f"mix.{f.name}" for f in fields(MixOptions)]
+    assert list(OPTIONS) == paths
+    flags = [o.flag for o in OPTIONS.values()]
+    assert len(set(flags)) == len(flags)
+    assert (flag_for("mix.rule"), flag_for("rule"), flag_for("batch_size"), flag_for("no_such")) == (
+        "--mix-rule", "--mix-rule", "--batch-size", "no_such")
+    # what a resumed run may change is where and how it runs; what it computes is not among them
+    assert {"device", "out", "csv", "checkpoint_every", "precision"} <= RESUMABLE_CHANGES
+    assert not {"data", "model", "method", "epochs", "seed", "lr", "batch_size", "image_size"} & RESUMABLE_CHANGES
+    assert not any(name.startswith("mix.") for name in RESUMABLE_CHANGES)
+    # a bench's setup leaves out what varies by run or changes neither results nor speed, never the speed options
+    assert {"method", "epochs", "seed", "out", "progress"} <= NOT_BENCH_SETUP
+    assert not {"precision", "compile", "cuda_graph", "deterministic", "lr", "data"} & NOT_BENCH_SETUP
+
+
+@pytest.mark.parametrize("cfg,library,cli", [
+    (TrainConfig(batch_size=0), "batch_size must be at least 1, got 0", "--batch-size must be at least 1, got 0"),
+    (TrainConfig(precision="fp8"), "precision must be auto, bf16 or fp32, got 'fp8'",
+     "--precision must be auto, bf16 or fp32, got 'fp8'"),
+    (TrainConfig(momentum=0.0), "nesterov on needs momentum > 0; give nesterov off for plain SGD without momentum",
+     "--nesterov on needs --momentum > 0; give --nesterov off for plain SGD without momentum"),
+    (TrainConfig(image_size=32), "image_size applies only to folder:DIR data (it sets their training resolution); "
+     "'digits' keeps its own image size, so leave image_size at 0", "--image-size applies only to folder:DIR data"),
+    (TrainConfig(mix=MixOptions(rule="most")), "mix.rule must be auto, threshold, fraction or all, got 'most'",
+     "--mix-rule must be auto, threshold, fraction or all, got 'most'"),
+    (TrainConfig(mix=MixOptions(threshold=float("inf"))),
+     "mix.threshold is a loss and must be a finite number >= 0, got inf",
+     "--mix-threshold is a loss and must be a finite number >= 0, got inf"),
+])
+def test_library_errors_name_fields_and_the_command_line_names_flags(cfg, library, cli):
+    with pytest.raises(OptionError) as e:
+        cfg.check()
+    assert str(e.value) == library
+    assert e.value.render(flag_for).startswith(cli)
+    assert "--" not in str(e.value)
+    again = pickle.loads(pickle.dumps(e.value))  # e.g. from a worker process: still renders either way
+    assert (str(again), again.render(flag_for)) == (str(e.value), e.value.render(flag_for))
+
+
+def test_mix_options_alone_name_their_own_fields():
+    with pytest.raises(OptionError, match=r"^min_share must be in \(0, 0.5\], got 0.7$") as e:
+        MixOptions(min_share=0.7).check()
+    assert e.value.options == ["min_share"] and e.value.within("mix").options == ["mix.min_share"]
+    assert e.value.render(flag_for) == "--min-share must be in (0, 0.5], got 0.7"
+
+
+def test_an_option_error_keeps_its_values_literal():
+    e = OptionError("{data} {got!r} has {{braces}}", got="{x}")
+    assert str(e) == "data '{x}' has {braces}" and e.options == ["data"]
+    assert e.render(flag_for) == "--data '{x}' has {braces}"
+
+
+def test_the_device_error_names_the_option(monkeypatch):
+    from mixtrain.distributed import resolve_device
+
+    with pytest.raises(OptionError, match=r"^device must be auto, cpu, cuda or cuda:N \(N = 0, 1, ...\), got 'gpu0'$"):
+        resolve_device("gpu0")
+
+
+def test_bench_takes_the_shared_options_and_not_those_it_runs_as_lists(tmp_path, capsys):
+    parser = build_parser()
+    argv = ["bench"]
+    shared = {name: o for name, o in OPTIONS.items() if o.bench}
+    for o in shared.values():  # each a value other than its default
+        if o.switch:
+            argv.append(o.flag)
+        elif isinstance(o.default, bool):
+            argv += [o.flag, "off" if o.default else "on"]
+        elif o.choices:
+            argv += [o.flag, next(c for c in o.choices if c != o.default)]
+        else:
+            argv += [o.flag, str(o.default + 1) if isinstance(o.default, (int, float)) else "x"]
+    args, unknown = parser.parse_known_args(argv)
+    assert not unknown
+    cfg, default = config_from_args(args).to_dict(), TrainConfig().to_dict()
+    for name in shared:
+        section, _, key = name.rpartition(".")
+        got, was = (cfg[section][key], default[section][key]) if section else (cfg[key], default[key])
+        assert got != was, name
+    for name, o in OPTIONS.items():
+        if not o.bench:
+            assert not hasattr(args, o.dest), name  # bench's --epochs, --out, --resume are its own
+    assert {o.bench_list for o in OPTIONS.values() if o.bench_list} == {"--methods", "--epochs", "--seeds"}
+    assert main(["bench", "--methods", "baseline", "--batch-size", "0", "--out", str(tmp_path)]) == 2
+    assert "error: --batch-size must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_and_bench_import_one_way():
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "mixtrain"
+
+    def imports(name):
+        tree = ast.parse((src / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+
+    assert "cli" not in imports("bench") and "cli" not in imports("show") and "cli" not in imports("options")
+    assert "bench" in imports("cli") and "options" in imports("bench")
