@@ -4,7 +4,7 @@ Hardware: any; the committed result is from the project's development machine (2
 GPU). Versions: saved with the results (Python, torch, torchvision, timm; GPU and CUDA where used).
 
 What it times: for a model (ResNet-18 for CIFAR by default) and its SGD state after one step, the
-trainer's own ``Trainer._save`` -- the finite-weights check, the state dict and its host copy,
+trainer's own ``Trainer.save_checkpoint`` -- the finite-weights check, the state dict and its host copy,
 then the hand-off to the background writer -- i.e. how long the training loop is blocked
 ("blocked ms"), and how long until the file is complete on disk ("written ms": the same plus
 ``CheckpointWriter.wait``). Median over --repeats saves into a temporary folder. Before the
@@ -53,9 +53,9 @@ def main(argv=None) -> int:
         tr.optimizer.step()
         blocked, written = [], []
         for i in range(args.repeats):
-            tr._sync()
+            tr.sync()
             t0 = time.perf_counter()
-            tr._save(f"repeat {i}")
+            tr.save_checkpoint(f"repeat {i}")
             t1 = time.perf_counter()
             tr.checkpoints.wait()
             t2 = time.perf_counter()

@@ -134,12 +134,12 @@ def epoch_setup_ms(data, variant, args) -> float:
     dev = tr.device
     times = []
     for r in range(args.repeats):
-        tr._sync()
+        tr.sync()
         t = time.perf_counter()
         plan = tr.strategy.plan_epoch(1 if variant == "k4-unmixed" else 0, np.random.default_rng(r))
         EpochBatches(plan, args.batch_size, tr.grid, dev, torch.Generator().manual_seed(r),
                      image_size=tr.image_hw, augment=tr.augment, blend=tr.strategy.blend)
-        tr._sync()
+        tr.sync()
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
@@ -152,11 +152,10 @@ def step_times(data, args, compile_, variants):
         tr = make_trainer(data, variant, compile_, args, "/tmp/mixing_cost_step", epochs=2)
         dev = tr.device
         batch = first_batch(tr, args.batch_size)
-        labels = data.train_y
 
         def step():
             x = batch.compose(data.train_x, tr.normalize)
-            tr._train_step(batch, x, labels)
+            tr.step(batch, x)
 
         def comp():
             batch.compose(data.train_x, tr.normalize)
@@ -164,7 +163,7 @@ def step_times(data, args, compile_, variants):
         r = {"slots": tr.strategy.slots, "samples_per_pass": batch.samples / args.batch_size,
              "step_ms": median_ms(step, dev, args.repeats), "compose_ms": median_ms(comp, dev, args.repeats)}
         if dev.type == "cuda" and not compile_:
-            tr._capture(batch, 0.01, data.train_x, None)
+            tr.capture_graph(batch, 0.01, data.train_x)
             if tr.graphed is not None:
                 r["graph_step_ms"] = median_ms(lambda: tr.graphed.step(batch, 0.01), dev, args.repeats)
                 tr.graphed.release()

@@ -6,7 +6,7 @@ Versions: printed and saved with the results.
 
 What it measures: one fixed training batch per variant (the variants of ``mixing_cost.py``:
 baseline, pairs, quads, four-slot unmixed), built through mixtrain's own Trainer, stepped eagerly
-(``Trainer._train_step`` after ``Batch.compose``: compose, forward, loss, backward, clipping,
+(``Trainer.step`` after ``Batch.compose``: compose, forward, loss, backward, clipping,
 optimizer, loss memory) under ``torch.profiler`` for ``--steps`` steps after ``--warmup`` untimed
 ones. Reported: GPU kernel time per step, summed per aten operator (each operator's own kernels),
 and per operator the difference to the baseline's step. Kernel time is what a CUDA-graph replay
@@ -37,11 +37,9 @@ def kernel_time_per_op(tr, batch, data, steps: int, warmup: int) -> dict[str, fl
     (on the CPU, for the smoke run: each operator's own CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    labels = data.train_y
-
     def step():
         x = batch.compose(data.train_x, tr.normalize)
-        tr._train_step(batch, x, labels)
+        tr.step(batch, x)
 
     for _ in range(warmup):
         step()
@@ -97,7 +95,7 @@ def main(argv=None):
         res["samples_per_pass"][v] = batch.samples / args.batch_size
         res["ops_us"][v] = kernel_time_per_op(tr, batch, data, args.steps, args.warmup)
         if tr.device.type == "cuda":
-            tr._capture(batch, 0.01, data.train_x, None)
+            tr.capture_graph(batch, 0.01, data.train_x)
             if tr.graphed is not None:
                 res["graph_step_ms"][v] = median_ms(lambda: tr.graphed.step(batch, 0.01), tr.device, args.repeats)
                 tr.graphed.release()

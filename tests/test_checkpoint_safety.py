@@ -255,7 +255,7 @@ def test_fuzzed_checkpoint_fields_give_one_error_naming_the_field(mid_epoch):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                trainer._load(broken)
+                trainer.load_checkpoint(broken)
             problem = "accepted" if expect == "error" else None
         except MixtrainError as e:
             field = re.split(r" <- | deleted| shortened", name)[0]
@@ -273,7 +273,7 @@ def test_fuzzed_checkpoint_fields_give_one_error_naming_the_field(mid_epoch):
         if problem:
             failures.append(f"{name}: {problem}")
     assert not failures, "\n".join(failures[:20])
-    trainer._load(copy.deepcopy(state))  # and the unbroken state still loads
+    trainer.load_checkpoint(copy.deepcopy(state))  # and the unbroken state still loads
 
 
 def _resume_error(state, out, **kw) -> str:

@@ -34,15 +34,12 @@ def whole(tmp_path_factory):
 
 def test_resume_with_only_out_continues_the_run_with_its_own_options(whole, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    save = Trainer._save
-
-    def save_then_stop(self, where, *a, **k):  # the job is killed right after epoch 1's checkpoint
-        save(self, where, *a, **k)
+    def stop(self, where):  # the job is killed right after epoch 1's checkpoint
         if where == "end of epoch 1":
             self.checkpoints.wait()
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save", save_then_stop)
+    monkeypatch.setattr(Trainer, "on_checkpoint", stop)
     assert main(["train", *RUN, "--out", str(out)]) == 130
     monkeypatch.undo()
     assert not (out / "metrics.json").exists()

@@ -465,8 +465,7 @@ def test_a_run_killed_mid_epoch_resumes_exactly_from_the_cache(tmp_path):
     ref = Trainer(folder_cfg(tmp_path / "ref", root, method="mixtrain", placement="host")).fit()
 
     class CrashAfter(Trainer):
-        def _save(self, where, plan=None, partial=None):
-            super()._save(where, plan, partial)
+        def on_checkpoint(self, where):
             if where == "epoch 2, step 2":
                 raise _Crash(where)
 

@@ -92,8 +92,7 @@ def test_infobatch_resumes_exactly_from_a_mid_epoch_checkpoint(tmp_path):
     ref = Trainer(config(tmp_path / "ref", epochs=4)).fit()
 
     class CrashAfter(Trainer):
-        def _save(self, where, plan=None, partial=None):
-            super()._save(where, plan, partial)
+        def on_checkpoint(self, where):
             if where == "epoch 3, step 6":
                 raise _Crash(where)
 

@@ -79,8 +79,7 @@ class CrashAfter(Trainer):
 
     crash_at = None
 
-    def _save(self, where, plan=None, partial=None):
-        super()._save(where, plan, partial)
+    def on_checkpoint(self, where):
         if where == self.crash_at:
             raise Crash(where)
 
@@ -470,7 +469,7 @@ def _faulty_factory(monkeypatch, at):
 
 
 def test_nan_loss_stops_long_before_the_epoch_ends(npz_dir, tmp_path, monkeypatch, capsys):
-    from mixtrain.trainer import FINITE_CHECK_EVERY
+    from mixtrain.hooks import FINITE_CHECK_EVERY
 
     # 200 samples / batch 2 = 100 steps per epoch; the loss turns NaN at step 3 of epoch 1
     made = _faulty_factory(monkeypatch, at=3)
@@ -506,7 +505,7 @@ def test_nan_loss_stops_early_after_a_mid_epoch_resume(tmp_path, monkeypatch):
 def test_finite_watch_reads_the_host_flag_only_after_its_copy_landed(monkeypatch):
     """The CUDA branch of the watch with a stand-in event (no GPU here): one copy in flight at a
     time, recorded every ``every`` steps; the flag is read only once ``query()`` says it landed."""
-    from mixtrain.trainer import _FiniteWatch
+    from mixtrain.hooks import FiniteWatch
 
     class Event:
         def __init__(self):
@@ -520,7 +519,7 @@ def test_finite_watch_reads_the_host_flag_only_after_its_copy_landed(monkeypatch
             return self.left <= 0
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    w = _FiniteWatch(torch.device("cpu"), every=4)
+    w = FiniteWatch(torch.device("cpu"), every=4)
     w.cuda, w.host, w.event = True, torch.ones((), dtype=torch.bool), Event()
     step_loss = torch.zeros(40)
     w.start(step_loss)

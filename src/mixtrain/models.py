@@ -546,8 +546,9 @@ class SpatialModel(nn.Module):
         """Logits from pooled vectors ``[M, C]`` through the model's own head."""
         return self._head(pooled)
 
-    def region_pool(self, f: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
-        """The body's raw output ``f`` averaged over each region: ``[B, K, C]`` (no layout copies)."""
+    def pool_body_output(self, f: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
+        """The body's raw output ``f`` (in its own layout: NCHW, NHWC or tokens) averaged over each
+        region: ``[B, K, C]`` (no layout copies). :func:`region_pool` is the NCHW case."""
         m = pool_masks.to(f.dtype)
         if self.layout == "NLC":
             return torch.einsum("bnc,bkn->bkc", self._patch_tokens(f), m.flatten(2))
@@ -556,10 +557,12 @@ class SpatialModel(nn.Module):
         return region_pool(f, m)
 
     def forward(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x)``: the plain model, logits ``[B, classes]``. ``forward(x, pool_masks)``: one
+        prediction per region, logits ``[B, K, classes]`` (see the class docstring)."""
         if pool_masks is None:
             return self.model.forward_head(self.model.forward_features(x))  # the model's own pooling (checked to be the average)
         f = self._separated_tokens(x, pool_masks) if self.separates_attention else self.model.forward_features(x)
-        pooled = self.region_pool(f, pool_masks)
+        pooled = self.pool_body_output(f, pool_masks)
         b, k, c = pooled.shape
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
 

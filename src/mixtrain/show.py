@@ -422,7 +422,7 @@ def _compose_batch(trainer, dataset, strategy, e0: int, j: int, images: int):
     """(the plan of epoch ``e0``, batch ``j``'s display pixels, its items, its plan rows): the
     batch of ``images`` composites, planned and composed as training does it."""
     grid = trainer.grid
-    plan_rng, pad_rng, aug_gen = trainer._epoch_rngs(e0)  # the run's generators for that epoch
+    plan_rng, pad_rng, aug_gen = trainer.epoch_generators(e0)  # the run's generators for that epoch
     plan = strategy.plan_epoch(e0, plan_rng)
     batches, rows = epoch_batch(plan, j, images, grid, aug_gen, pad_rng, trainer.image_hw, trainer.augment,
                                 strategy.blend, dataset.source_size)
