@@ -221,7 +221,7 @@ def test_a_data_kind_is_one_registry_line_that_the_options_ask(monkeypatch, tmp_
                                                      image_size=160, imagenet_style=True))
     assert load_data("mine:~/p", cache_size=96).num_train == 1437
     assert calls == [(os.path.expanduser("~/p"), 160, 96)]
-    with pytest.raises(MixtrainError, match=r"^mine needs a directory: --data mine:DIR$"):
+    with pytest.raises(MixtrainError, match=r"^mine needs a directory, as in mine:DIR$"):
         load_data("mine")
     assert "mine:DIR (my photos)" in data_help()
     # it is resampled: it takes image_size and cache_size, and auto picks the ImageNet stem at >= 128 px

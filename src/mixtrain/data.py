@@ -555,6 +555,6 @@ def load_data(spec: str, image_size: int | None = None, workers: int = 0, cache_
         raise MixtrainError(f"unknown data spec {spec!r}; use one of: {data_help()}")
     arg = os.path.expanduser(arg) if arg else None
     if kind.needs_arg and not arg:
-        raise MixtrainError(f"{prefix} needs a directory: --data {kind.form}")
+        raise MixtrainError(f"{prefix} needs a directory, as in {kind.form}")
     return kind.load(arg, image_size=image_size or kind.image_size or None, cache_size=cache_size,
                      cache_dir=cache_dir, workers=workers, placement=placement)

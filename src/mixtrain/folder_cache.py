@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MixtrainError, MixtrainWarning, notice
+from .errors import MixtrainError, MixtrainWarning, OptionError, notice
 
 CACHE_VERSION = 1
 CACHE_ENV = "MIXTRAIN_CACHE"
@@ -376,15 +376,11 @@ def _writable_parent(path: str):
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise MixtrainError(
-            f"cannot create the folder cache under {parent} ({e.strerror or e}); choose another place with --cache-dir "
-            f"or ${CACHE_ENV}"
-        ) from e
+        raise OptionError("cannot create the folder cache under {parent} ({why}); choose another place with "
+                          "{cache_dir} or ${env}", parent=parent, why=e.strerror or e, env=CACHE_ENV) from e
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise MixtrainError(
-            f"cannot write the folder cache under {parent} (read-only or permission denied); choose another place "
-            f"with --cache-dir or ${CACHE_ENV}"
-        )
+        raise OptionError("cannot write the folder cache under {parent} (read-only or permission denied); choose "
+                          "another place with {cache_dir} or ${env}", parent=parent, env=CACHE_ENV)
 
 
 def build(
@@ -425,10 +421,9 @@ def build(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise MixtrainError(
-                f"the disk under {os.path.dirname(path)} filled up while preparing the folder cache "
-                f"(it needs {need / 1e9:.2f} GB); free space or choose another place with --cache-dir"
-            ) from e
+            raise OptionError("the disk under {where} filled up while preparing the folder cache (it needs {gb:.2f} GB); "
+                              "free space or choose another place with {cache_dir}", where=os.path.dirname(path),
+                              gb=need / 1e9) from e
         raise MixtrainError(f"cannot write the folder cache {path}: {e.strerror or e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -447,10 +442,9 @@ def _check_free_space(path: str, size: int, total: int) -> int:
     need = total * 3 * size * size
     free = shutil.disk_usage(os.path.dirname(path)).free
     if need > free:
-        raise MixtrainError(
-            f"the folder cache needs {need / 1e9:.2f} GB ({total:,} images of 3x{size}x{size}) but "
-            f"{os.path.dirname(path)} has {free / 1e9:.2f} GB free; choose another place with --cache-dir"
-        )
+        raise OptionError("the folder cache needs {need:.2f} GB ({total:,} images of 3x{size}x{size}) but {where} has "
+                          "{free:.2f} GB free; choose another place with {cache_dir}", need=need / 1e9, total=total,
+                          size=size, where=os.path.dirname(path), free=free / 1e9)
     return need
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import MixtrainError
+from .errors import MixtrainError, OptionError
 
 FINITE_CHECK_EVERY = 25  # steps between the early, non-blocking looks at an epoch's step losses
 
@@ -84,10 +84,8 @@ class StepLosses:
         bad = np.flatnonzero(~np.isfinite(losses))
         s = self.dist.first_flag(torch.tensor(int(bad[0]) if len(bad) else -1, device=self.device))
         if s >= 0:
-            raise MixtrainError(
-                f"non-finite loss at epoch {epoch + 1}, step {s + 1}; stopped. "
-                f"Last good checkpoint: {last_good}. Try a lower --lr."
-            )
+            raise OptionError("non-finite loss at epoch {e}, step {s}; stopped. Last good checkpoint: {last_good}. "
+                              "Try a lower {lr}.", e=epoch + 1, s=s + 1, last_good=last_good)
         return losses
 
     def total(self, losses: np.ndarray, samples: np.ndarray) -> float:
@@ -159,10 +157,8 @@ class Checkpoints:
     def save(self, where: str, model: torch.nn.Module, state):
         """Check the weights (one sync), then write ``state()`` (main process) and remember ``where``."""
         if not weights_finite(model):
-            raise MixtrainError(
-                f"non-finite weights at {where}; stopped. Last good checkpoint: {self.describe_last_good()}. "
-                "Try a lower --lr."
-            )
+            raise OptionError("non-finite weights at {where}; stopped. Last good checkpoint: {last_good}. Try a lower {lr}.",
+                              where=where, last_good=self.describe_last_good())
         if self.is_main and self.enabled:
             self.writer.save(state(), self.path)
         self.last_good = where
@@ -224,7 +220,7 @@ class RunLogs:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise MixtrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+                raise OptionError("{tensorboard} needs the tensorboard package: pip install tensorboard") from e
             self.tb = SummaryWriter(os.path.join(out, "tb"))
 
     def restart(self, log: list[dict]):

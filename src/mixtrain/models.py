@@ -240,11 +240,11 @@ def check_model_name(name: str):
     if name.startswith("timm:"):
         tname = name[5:]
         if not tname:
-            raise MixtrainError("timm: needs a model name, e.g. --model timm:resnet50")
+            raise MixtrainError("timm: needs a model name, as in timm:resnet50")
         try:
             import timm
         except ImportError:
-            raise MixtrainError(f"--model {name} needs the timm package (pip install timm)") from None
+            raise MixtrainError(f"model {name!r} needs the timm package (pip install timm)") from None
         if not timm.is_model(tname):
             raise MixtrainError(f"unknown timm model {tname!r} (see timm.list_models())")
         return

@@ -34,7 +34,7 @@ from .batches import EpochBatches
 from .compose import Normalizer
 from .distributed import resolve_device
 from .data import load_data
-from .errors import MixtrainError, out_of_memory
+from .errors import MixtrainError, OptionError, out_of_memory
 from .hooks import Checkpoints, EpochClock, FiniteWatch, RunLogs, StepLosses, write_json
 from .models import adapt, create_model
 from .schedule import step_lrs
@@ -193,7 +193,7 @@ class Trainer:
             (decay if p.ndim > 1 else no_decay).append(p)
         graphable = self.device.type == "cuda" and self.dist.world == 1 and not cfg.compile
         if cfg.cuda_graph == "on" and not graphable:
-            raise MixtrainError("--cuda-graph on needs one CUDA process and no --compile")
+            raise OptionError("{cuda_graph} on needs one CUDA process and no {compile}")
         self.use_graph = graphable and cfg.cuda_graph != "off"
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"  # one kernel per step instead of several
@@ -632,19 +632,19 @@ class Trainer:
         cfg = self.cfg
         h, w = self.image_hw
         if evaluating:
-            where = f"{doing} after epoch {self.epoch}"
-            what = f"a batch of --eval-batch-size {cfg.eval_batch_size} test images"
-            advice = f"use a smaller --eval-batch-size (try {max(1, cfg.eval_batch_size // 2)}) or a smaller --batch-size"
+            where, n = f"{doing} after epoch {self.epoch}", cfg.eval_batch_size
+            what = "a batch of {eval_batch_size} {n} test images"
+            advice = "use a smaller {eval_batch_size} (try {half}) or a smaller {batch_size}"
         else:
-            where = f"{doing} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
-            what = f"a batch of --batch-size {cfg.batch_size} images"
-            advice = f"use a smaller --batch-size (try {max(1, cfg.batch_size // 2)})"
+            where, n = f"{doing} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}", cfg.batch_size
+            what = "a batch of {batch_size} {n} images"
+            advice = "use a smaller {batch_size} (try {half})"
             if "graph" in doing:
-                advice += ", or --cuda-graph off if the step fits without the graph's own memory pool"
-        return MixtrainError(
-            f"out of memory on {self.device} {where}: {what} of {h}x{w} px does not fit with model "
-            f"{cfg.resolved_model()}; {advice}. Last good checkpoint: {self.checkpoints.describe_last_good()}."
-        )
+                advice += ", or {cuda_graph} off if the step fits without the graph's own memory pool"
+        return OptionError(
+            "out of memory on {dev} {where}: " + what + " of {h}x{w} px does not fit with model {model}; " + advice
+            + ". Last good checkpoint: {last_good}.", dev=str(self.device), where=where, n=n, half=max(1, n // 2), h=h,
+            w=w, model=cfg.resolved_model(), last_good=self.checkpoints.describe_last_good())
 
 
 def _portable(opt_state: dict) -> dict:
