@@ -27,6 +27,7 @@ import torch
 
 from .compose import Augment
 from .errors import MixtrainError, OptionError
+from .folder_cache import check_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -284,18 +285,9 @@ def from_arrays(
     )
 
 
-def _check_dir(root: str):
-    """A data directory must exist, be a directory, and be listable."""
-    if not os.path.exists(root):
-        raise MixtrainError(f"data directory not found: {root}")
-    if not os.path.isdir(root):
-        raise MixtrainError(f"data path is not a directory: {root}")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise MixtrainError(f"data directory is not readable (permission denied): {root}")
-
 
 def load_npz(root: str, name: str | None = None, num_classes: int | None = None) -> TensorData:
-    _check_dir(root)
+    check_dir(root)
     train_files = sorted(glob.glob(os.path.join(root, "train_*.npz")))
     test_file = os.path.join(root, "test.npz")
     if not train_files:
@@ -503,7 +495,7 @@ def _load_npz(arg, **_):
 
 
 def _load_folder(arg, image_size, cache_size, cache_dir, workers, placement, **_):
-    _check_dir(arg)
+    check_dir(arg)
     return FolderData(arg, image_size, cache_size, cache_dir, workers, placement)
 
 

@@ -88,13 +88,18 @@ class Listing:
         return [f"{p}\t{b}\t{m}\t{r}" for p, (b, m), r in zip(self.paths, self.stats, rows)]
 
 
-def _check_folder(root: str):
+def check_dir(root: str):
+    """A data directory must exist, be a directory, and be listable."""
     if not os.path.exists(root):
         raise MixtrainError(f"data directory not found: {root}")
     if not os.path.isdir(root):
         raise MixtrainError(f"data path is not a directory: {root}")
     if not os.access(root, os.R_OK | os.X_OK):
         raise MixtrainError(f"data directory is not readable (permission denied): {root}")
+
+
+def _check_folder(root: str):
+    check_dir(root)
     for split in SPLITS:
         if not os.path.isdir(os.path.join(root, split)):
             raise MixtrainError(f"{root}: no '{split}/' folder (expected train/<class>/... and val/<class>/...)")

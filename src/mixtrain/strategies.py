@@ -67,6 +67,10 @@ class Strategy:
         rank's loss is rescaled by its share of the same count."""
         return loss_per == "passes"
 
+    def epoch_stats(self, plan: P.EpochPlan) -> dict:
+        """Numbers this method adds to an epoch's log row (the trainer logs every method's alike)."""
+        return {}
+
     def step_state(self) -> list:
         """Device tensors the step updates besides the model and optimizer (the loss memory), so
         a CUDA-graph capture can undo its warm-up steps on them."""

@@ -315,8 +315,7 @@ class Trainer:
             "mixed_fraction": plan.mixed_samples / n,
             "lr_end": float(lrs[-1]),
         }
-        if self.strategy.prunes:
-            row["pruned_fraction"] = 1.0 - plan.samples / n
+        row.update(self.strategy.epoch_stats(plan))  # what the method adds to the epoch's log
         if self.grad_stats is not None:  # this process's steps of the epoch (read after the clock's sync)
             norm_sum, norm_max, clipped = self.grad_stats.tolist()
             row.update(grad_norm_mean=norm_sum / max(1, len(batches) - first_step), grad_norm_max=norm_max,
