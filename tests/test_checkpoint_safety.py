@@ -29,7 +29,7 @@ from mixtrain import models as M
 from mixtrain.cli import main
 from mixtrain.errors import MixtrainError, out_of_memory
 from test_errors import assert_clean_error
-from test_reliability import Crash, CrashAfter, _cli_env, config, digits_arrays, tiny_data
+from test_reliability import Crash, CrashAfter, _cli_env, config, npz_dir, tiny_data  # noqa: F401 (npz_dir: a fixture)
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -52,15 +52,6 @@ def _restore_determinism():
     det = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(det)
-
-
-@pytest.fixture(scope="module")
-def npz_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("npz")
-    (xtr, ytr), (xte, yte) = digits_arrays()
-    np.savez(root / "train_0.npz", x=xtr, y=ytr)
-    np.savez(root / "test.npz", x=xte, y=yte)
-    return root
 
 
 @pytest.fixture(scope="module")

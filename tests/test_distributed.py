@@ -139,6 +139,17 @@ def torchrun(args: list[str], tmp_path, record_dir=None, timeout=240) -> subproc
     return r
 
 
+def torchrun_script(source: str, tmp_path, epochs: int = 2):
+    """Run ``source`` under torchrun (2 processes), its first argument a record folder: that folder
+    and the records the processes wrote there."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    torchrun([str(script), str(rec)], tmp_path)
+    return rec, load_records(rec, epochs)
+
+
 def load_records(folder, epochs: int, world: int = 2):
     recs = {}
     for e in range(epochs):
@@ -296,13 +307,8 @@ def test_torchrun_two_processes_train_from_one_folder_cache(tmp_path):
 def test_own_loop_under_ddp_with_the_public_api(tmp_path):
     """The documented recipe: same plans and merged memories on both ranks, each sample once per
     epoch, pool masks through the DDP wrapper, identical weights on both ranks at the end."""
-    script = tmp_path / "own_loop.py"
-    script.write_text(OWN_LOOP)
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    torchrun([str(script), str(rec)], tmp_path)
+    rec, recs = torchrun_script(OWN_LOOP, tmp_path)
     n = mixtrain.load_data("digits").num_train
-    recs = load_records(rec, 2)
     check_epoch_records(recs, 2, n)
     assert int(recs[0, 0]["passes"]) == n and int(recs[0, 1]["passes"]) == (n + 1) // 2  # epoch 2: all in pairs
     w0, w1 = (np.load(rec / f"rank{r}_weights.npy") for r in range(2))

@@ -6,7 +6,6 @@ one runs a real DataLoader with workers, one two processes under torchrun with g
 
 from __future__ import annotations
 
-import os
 import textwrap
 import warnings
 
@@ -344,15 +343,10 @@ DDP_LOOP = textwrap.dedent(
 def test_the_dataloader_loop_under_ddp_plans_alike_and_splits_every_step(tmp_path):
     """Same plan and merged memory on both processes, each sample trained once per epoch by one of
     them, mixing from epoch 2, identical weights at the end."""
-    from test_distributed import check_epoch_records, load_records, torchrun
+    from test_distributed import check_epoch_records, torchrun_script
 
-    script = tmp_path / "ddp_loop.py"
-    script.write_text(DDP_LOOP)
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    torchrun([str(script), str(rec)], tmp_path)
+    rec, recs = torchrun_script(DDP_LOOP, tmp_path)
     n = mt.load_data("digits").num_train
-    recs = load_records(rec, 2)
     check_epoch_records(recs, 2, n)
     assert int(recs[0, 0]["passes"]) == n and int(recs[0, 1]["passes"]) < 0.6 * n  # epoch 2 packs
     w0, w1 = (np.load(rec / f"rank{r}_weights.npy") for r in range(2))

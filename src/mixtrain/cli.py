@@ -204,7 +204,7 @@ def cmd_demo(args):
 
 
 def cmd_prepare(args):
-    from .folder_cache import build, cache_path, open_cache, status
+    from .folder_cache import build, cache_path, open_built, status
 
     kind, _, root = args.data.partition(":")
     if kind != "folder" or not root:
@@ -214,7 +214,7 @@ def cmd_prepare(args):
         raise MixtrainError(f"--size must be at least 8 pixels, got {args.size}")
     state, why, listings, classes = status(root, args.size, args.cache_dir)
     if state == "valid" and not args.force:
-        cache = open_cache(root, args.size, args.cache_dir)
+        cache = open_built(cache_path(root, args.size, args.cache_dir))  # listed once, by status
         print(f"up to date: {cache.path}")
     else:
         if state == "stale":

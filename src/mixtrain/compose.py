@@ -124,6 +124,31 @@ def affine_params(
     if augment.scale is not None:
         return _affine_params_rrc(pbox, resize, rand, size, augment, src_size or size)
     h, w = size
+    p = _placement(pbox, resize, rand, size, augment)
+    f, sx, sy = p.flip, p.sx, p.sy
+    tx = f * sx - f + (2.0 / w) * (f * (p.ox - sx * p.x0) + p.dx)
+    ty = sy - 1.0 + (2.0 / h) * (p.oy - sy * p.y0 + p.dy)
+    return _theta(f * sx, tx, sy, ty)
+
+
+@dataclass
+class _Placement:
+    """Per slot: the region's corner, the scale and offset that place the constituent in it (a
+    crop at an offset, or a downscale), the random-crop shift and the flip (-1 or 1)."""
+
+    x0: torch.Tensor
+    y0: torch.Tensor
+    sx: torch.Tensor
+    sy: torch.Tensor
+    ox: torch.Tensor
+    oy: torch.Tensor
+    dx: torch.Tensor
+    dy: torch.Tensor
+    flip: torch.Tensor
+
+
+def _placement(pbox, resize, rand, size, augment: Augment) -> _Placement:
+    h, w = size
     y0, x0, y1, x1 = pbox.unbind(-1)
     rh = (y1 - y0).clamp_min(1.0)
     rw = (x1 - x0).clamp_min(1.0)
@@ -136,12 +161,13 @@ def affine_params(
     dy = torch.floor(r_dy * span) - augment.pad
     dx = torch.floor(r_dx * span) - augment.pad
     f = torch.where(r_flip < 0.5, -1.0, 1.0) if augment.flip else torch.ones_like(rh)
-    tx = f * sx - f + (2.0 / w) * (f * (ox - sx * x0) + dx)
-    ty = sy - 1.0 + (2.0 / h) * (oy - sy * y0 + dy)
+    return _Placement(x0, y0, sx, sy, ox, oy, dx, dy, f)
+
+
+def _theta(sx, tx, sy, ty) -> torch.Tensor:
+    """Axis-aligned transforms ``[..., 2, 3]`` from their x and y scales and offsets."""
     zero = torch.zeros_like(tx)
-    row_x = torch.stack([f * sx, zero, tx], -1)
-    row_y = torch.stack([zero, sy, ty], -1)
-    return torch.stack([row_x, row_y], -2)
+    return torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], -2)
 
 
 def _affine_params_rrc(pbox, resize, rand, size, augment: Augment, src_size) -> torch.Tensor:
@@ -156,32 +182,19 @@ def _affine_params_rrc(pbox, resize, rand, size, augment: Augment, src_size) -> 
     """
     h, w = size
     hs, ws = src_size
-    y0, x0, y1, x1 = pbox.unbind(-1)
-    rh = (y1 - y0).clamp_min(1.0)
-    rw = (x1 - x0).clamp_min(1.0)
-    r_oy, r_ox, r_dy, r_dx, r_flip = rand[..., :RAND_BASE].unbind(-1)
+    p = _placement(pbox, resize, rand, size, augment)
     top, left, wh, ww = rrc_windows(rand[..., RAND_BASE:], src_size, augment.scale, augment.ratio).unbind(-1)
-    # view position q = a p + b, before the flip
-    ax = torch.where(resize, w / rw, torch.ones_like(rw))
-    ay = torch.where(resize, h / rh, torch.ones_like(rh))
-    ox = torch.where(resize, torch.zeros_like(rw), torch.floor(r_ox * (w - rw + 1)))
-    oy = torch.where(resize, torch.zeros_like(rh), torch.floor(r_oy * (h - rh + 1)))
-    bx = ox - ax * x0
-    by = oy - ay * y0
-    f = torch.where(r_flip < 0.5, -1.0, 1.0) if augment.flip else torch.ones_like(rw)
-    bx = f * bx + w * (1 - f) / 2
-    ax = f * ax
-    span = 2 * augment.pad + 1
-    dy = torch.floor(r_dy * span) - augment.pad
-    dx = torch.floor(r_dx * span) - augment.pad
+    # view position q = a p + b: the placement, then the flip
+    ax = p.flip * p.sx
+    bx = p.flip * (p.ox - p.sx * p.x0) + w * (1 - p.flip) / 2
+    ay, by = p.sy, p.oy - p.sy * p.y0
     kx, ky = ww / w, wh / h  # source pixels per view pixel
     # normalised source x = (2 / ws) * (left + kx * (ax * p + bx + dx)) - 1, with p = (x_out + 1) * w / 2
     sx = kx * ax * w / ws
-    tx = sx + (2.0 / ws) * (left + kx * (bx + dx)) - 1.0
+    tx = sx + (2.0 / ws) * (left + kx * (bx + p.dx)) - 1.0
     sy = ky * ay * h / hs
-    ty = sy + (2.0 / hs) * (top + ky * (by + dy)) - 1.0
-    zero = torch.zeros_like(tx)
-    return torch.stack([torch.stack([sx, zero, tx], -1), torch.stack([zero, sy, ty], -1)], -2)
+    ty = sy + (2.0 / hs) * (top + ky * (by + p.dy)) - 1.0
+    return _theta(sx, tx, sy, ty)
 
 
 def axis_masks(pbox: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,7 @@ class DataSource:
     num_classes: int
     channels: int
     resident: bool = True
+    flip: bool = True  # the default horizontal flip
 
     @property
     def num_train(self) -> int:
@@ -70,7 +71,7 @@ class DataSource:
     def default_augment(self) -> Augment:
         """The augmentation this kind of data trains with unless options say otherwise."""
         h = self.image_size[0]
-        return Augment(pad=max(1, h // 8), flip=True)
+        return Augment(pad=max(1, h // 8), flip=self.flip)
 
     def to(self, device) -> "DataSource":
         raise NotImplementedError
@@ -139,9 +140,6 @@ class TensorData(DataSource):
         for name in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         return self
-
-    def default_augment(self) -> Augment:
-        return Augment(pad=max(1, self.image_size[0] // 8), flip=self.flip)
 
     def test_batches(self, batch_size: int, device, rank: int = 0, world: int = 1):
         tx, ty = self.test_x[rank::world], self.test_y[rank::world]
@@ -414,9 +412,9 @@ class FolderData(DataSource):
             try:
                 self.train_x = self.train_x.to(device)
             except torch.OutOfMemoryError as e:
-                raise MixtrainError(
-                    f"the folder cache ({self.train_x.nbytes / 1e9:.1f} GB) does not fit on {device}; "
-                    "use --placement host (stream it from host memory) or a smaller --cache-size"
+                raise OptionError(
+                    "the folder cache ({gb:.1f} GB) does not fit on {dev}; use {placement} host (stream it from host "
+                    "memory) or a smaller {cache_size}", gb=self.train_x.nbytes / 1e9, dev=str(device)
                 ) from e
         return self
 
@@ -495,7 +493,6 @@ def _load_npz(arg, **_):
 
 
 def _load_folder(arg, image_size, cache_size, cache_dir, workers, placement, **_):
-    check_dir(arg)
     return FolderData(arg, image_size, cache_size, cache_dir, workers, placement)
 
 

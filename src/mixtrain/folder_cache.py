@@ -371,6 +371,11 @@ def open_cache(root: str, size: int, cache_dir: str = "", workers: int = 0, log=
         log(f"rebuilding the folder cache {path}: {why}")
     if state != "valid":
         build(root, size, cache_dir, workers, listings=listings, classes=classes, log=log)
+    return open_built(path)
+
+
+def open_built(path: str) -> Cache:
+    """A complete cache at ``path`` (found valid by :func:`status`), its arrays checked against its manifest."""
     m = _read_manifest(path)
     _check_arrays(path, m)
     return Cache(path, m)
