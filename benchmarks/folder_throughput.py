@@ -134,7 +134,7 @@ def bare_step(model_name: str, size: int, batch: int, classes: int, device) -> f
 def trainer_rate(data, model: str, size: int, method: str, batch: int, device: str, out: str) -> dict:
     cfg = TrainConfig(data=data.name, model=model, image_size=size, method=method, epochs=3, batch_size=batch,
                       device=device, out=out, progress="none", save_checkpoints=False,
-                      mix=MixOptions(rule="all", warmup_epochs=1, final_unmixed_epochs=0, quad_confidence=0.0))
+                      mix=MixOptions(rule="all", first_unmixed_epochs=1, final_unmixed_epochs=0, quad_confidence=0.0))
     t = Trainer(cfg, data=data)
     m = t.fit()
     last = m["epochs_log"][-1]

@@ -34,7 +34,7 @@ def main() -> int:
         for graph in ("off", "on"):
             cfg = TrainConfig(data="digits", method=method, epochs=args.epochs, batch_size=128, lr=0.05, seed=0,
                               device="cuda", out=f"/tmp/graph_check/{method}-{graph}", cuda_graph=graph,
-                              progress="none", save_checkpoints=False, mix=MixOptions(warmup_epochs=1))
+                              progress="none", save_checkpoints=False, mix=MixOptions(first_unmixed_epochs=1))
             tr = Trainer(cfg)
             runs[graph] = tr.fit()
             if graph == "on" and not tr.graph_used:

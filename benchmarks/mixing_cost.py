@@ -53,11 +53,11 @@ def variant_config(variant: str, epochs: int):
     if variant == "baseline":
         return "baseline", MixOptions(), False
     if variant == "pairs":
-        return "mixtrain", MixOptions(warmup_epochs=0, final_unmixed_epochs=0, rule="all", quad_confidence=0.0), False
+        return "mixtrain", MixOptions(first_unmixed_epochs=0, final_unmixed_epochs=0, rule="all", quad_confidence=0.0), False
     if variant == "quads":
-        return "mixtrain", MixOptions(warmup_epochs=0, final_unmixed_epochs=0, rule="all", quad_confidence=0.9), True
+        return "mixtrain", MixOptions(first_unmixed_epochs=0, final_unmixed_epochs=0, rule="all", quad_confidence=0.9), True
     if variant == "k4-unmixed":
-        return "mixtrain", MixOptions(warmup_epochs=epochs, final_unmixed_epochs=0, quad_confidence=0.9), False
+        return "mixtrain", MixOptions(first_unmixed_epochs=epochs, final_unmixed_epochs=0, quad_confidence=0.9), False
     raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
             n_warm = min(data.num_train, batch * WARMUP_STEPS)
             small = warmup_subset(data, n_warm, n_warm)
             for method in METHODS:
-                n = 1 if method == "baseline" else mix.warmup_epochs + 1
+                n = 1 if method == "baseline" else mix.first_unmixed_epochs + 1
                 t0 = time.perf_counter()
                 cfg = config(model, method, 0, n, os.path.join(args.out, "warmup"), mix_all=True, quiet=True)
                 Trainer(cfg, data=small).fit()

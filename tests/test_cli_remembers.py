@@ -164,7 +164,7 @@ def test_a_run_that_will_never_mix_says_so(tmp_path, capsys):
                  "--batch-size", "8", "--device", "cpu", "--progress", "none", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "warning: mixtrain will never mix in this run: of its 2 epoch(s), the first 1 are warm-up and the last 1 " \
+    assert "warning: mixtrain will never mix in this run: of its 2 epoch(s), the first 1 and the last 1 are " \
            "unmixed" in err and "train at least 3 epochs" in err
 
 

@@ -51,7 +51,7 @@ def make_folder(root, classes=3, per_class=10, val_per_class=4, size=32, constan
 
 
 def all_mixed_plan(n, grid, slots4=False, seed=0):
-    opts = MixOptions(rule="all", warmup_epochs=0, final_unmixed_epochs=0, quad_confidence=0.9 if slots4 else 0.0)
+    opts = MixOptions(rule="all", first_unmixed_epochs=0, final_unmixed_epochs=0, quad_confidence=0.9 if slots4 else 0.0)
     return MixTrain(n, grid, 5, "cpu", opts).plan_epoch(0, np.random.default_rng(seed))
 
 

@@ -184,7 +184,7 @@ def test_torchrun_two_processes_train_mixtrain_on_digits(tmp_path):
     epochs, batch = 2, 64
     r = torchrun(["-m", "mixtrain", "train", "--data", "digits", "--method", "mixtrain", "--epochs", str(epochs),
                   "--batch-size", str(batch), "--lr", "0.05", "--device", "cpu", "--out", str(out),
-                  "--warmup-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "fraction", "--mix-fraction", "0.5", "--progress", "line"],
+                  "--first-unmixed-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "fraction", "--mix-fraction", "0.5", "--progress", "line"],
                  tmp_path, record_dir=rec)
     data = load_digits()
     n = data.num_train
@@ -245,7 +245,7 @@ OWN_LOOP = textwrap.dedent(
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     epochs, batch_size, seed = 2, 96, 0
-    strategy = MixTrain(data.num_train, model.grid, epochs, device, MixOptions(warmup_epochs=1, final_unmixed_epochs=0, rule="all"))
+    strategy = MixTrain(data.num_train, model.grid, epochs, device, MixOptions(first_unmixed_epochs=1, final_unmixed_epochs=0, rule="all"))
     normalize, augment = Normalizer(data.mean, data.std, device), Augment(pad=2, flip=False)
     for epoch in range(epochs):
         plan = strategy.plan_epoch(epoch, np.random.default_rng([seed, epoch]))
@@ -295,7 +295,7 @@ def test_torchrun_two_processes_train_from_one_folder_cache(tmp_path):
     r = torchrun(["-m", "mixtrain", "train", "--data", f"folder:{root}", "--image-size", "16", "--model", "digitnet",
                   "--placement", "host", "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--method",
                   "mixtrain", "--epochs", "2", "--batch-size", "6", "--lr", "0.05", "--device", "cpu", "--out", str(out),
-                  "--warmup-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "all", "--progress", "none"],
+                  "--first-unmixed-epochs", "1", "--final-unmixed-epochs", "0", "--mix-rule", "all", "--progress", "none"],
                  tmp_path, record_dir=rec)
     assert r.stderr.count("preparing the folder cache") == 1  # built once, by the first process
     check_epoch_records(load_records(rec, 2), 2, 36)

@@ -390,7 +390,7 @@ def test_rrc_composites_put_each_window_into_its_region():
 
 
 def mixed_plan(n, grid, seed=0):
-    opts = MixOptions(rule="all", warmup_epochs=0, final_unmixed_epochs=0, quad_confidence=0.9)
+    opts = MixOptions(rule="all", first_unmixed_epochs=0, final_unmixed_epochs=0, quad_confidence=0.9)
     return MixTrain(n, grid, 5, "cpu", opts).plan_epoch(0, np.random.default_rng(seed))
 
 

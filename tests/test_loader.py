@@ -36,7 +36,7 @@ def confident_half(mixer: Mixer, n=N):
 
 
 def mixer(**kw) -> Mixer:
-    opts = kw.pop("opts", MixOptions(warmup_epochs=0, final_unmixed_epochs=1, rule="all"))
+    opts = kw.pop("opts", MixOptions(first_unmixed_epochs=0, final_unmixed_epochs=1, rule="all"))
     args = dict(grid=GRID, image_size=SIZE, num_samples=N, epochs=3, batch_size=8, opts=opts)
     args.update(kw)
     return Mixer(**args)
@@ -150,7 +150,7 @@ def test_state_dict_resumes_exactly(stop, first_epochs):
     x, y = images()
 
     def make():
-        return mixer(epochs=4, opts=MixOptions(warmup_epochs=1, final_unmixed_epochs=1))
+        return mixer(epochs=4, opts=MixOptions(first_unmixed_epochs=1, final_unmixed_epochs=1))
 
     whole = train_steps(make(), x, y, range(4))
     assert {s[0] for s in whole} == {0, 1, 2, 3}
@@ -168,7 +168,7 @@ def test_state_dict_resumes_exactly(stop, first_epochs):
 
 def test_a_new_pass_of_the_loader_plans_the_next_epoch_without_set_epoch():
     x, y = images()
-    m = mixer(opts=MixOptions(warmup_epochs=1, final_unmixed_epochs=0, rule="all"), epochs=2)
+    m = mixer(opts=MixOptions(first_unmixed_epochs=1, final_unmixed_epochs=0, rule="all"), epochs=2)
     epochs = []
     for _ in range(2):
         for ids in m.sampler:
@@ -252,7 +252,7 @@ def test_mixer_errors_are_one_line():
 
 
 def test_a_schedule_that_never_mixes_is_reported():
-    with pytest.warns(MixtrainWarning, match=r"will never mix in this run: of its 2 epoch\(s\), the first 1 are warm-up"):
+    with pytest.warns(MixtrainWarning, match=r"will never mix in this run: of its 2 epoch\(s\), the first 1 and the last"):
         mixer(epochs=2, opts=MixOptions())
     with warnings.catch_warnings():
         warnings.simplefilter("error", MixtrainWarning)

@@ -46,11 +46,11 @@ def test_memory_state_dict_round_trip():
 
 def test_strategy_state_round_trip_gives_the_same_plan():
     n, grid = 30, (4, 4)
-    s = MixTrain(n, grid, 4, opts=MixOptions(warmup_epochs=0))
+    s = MixTrain(n, grid, 4, opts=MixOptions(first_unmixed_epochs=0))
     r = np.random.default_rng(0)
     s.observe(torch.arange(n), torch.ones(n, dtype=torch.bool), torch.tensor(r.uniform(0, 0.5, n), dtype=torch.float32),
               torch.tensor(r.uniform(size=n) < 0.8))
-    s2 = MixTrain(n, grid, 4, opts=MixOptions(warmup_epochs=0))
+    s2 = MixTrain(n, grid, 4, opts=MixOptions(first_unmixed_epochs=0))
     s2.load_state_dict(s.state_dict())
     p1, p2 = s.plan_epoch(2, np.random.default_rng(5)), s2.plan_epoch(2, np.random.default_rng(5))
     assert p1.mixed_samples > 0

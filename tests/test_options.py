@@ -3,6 +3,7 @@ library and flags on the command line, and what ``bench`` takes."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import fields
 from pathlib import Path
@@ -123,3 +124,20 @@ def test_cli_and_bench_import_one_way():
 
     assert "cli" not in imports("bench") and "cli" not in imports("show") and "cli" not in imports("options")
     assert "bench" in imports("cli") and "options" in imports("bench")
+
+
+def test_renamed_options_read_from_old_configs_checkpoints_and_bench_specs(tmp_path):
+    """`warmup` (the LR ramp) and `mix.warmup_epochs` were renamed: files written before still read."""
+    from mixtrain.bench import split_method
+    from mixtrain.cli import read_config
+
+    old = {"warmup": 0.3, "lr": 0.1, "mix": {"warmup_epochs": 2, "rule": "all"}}
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.lr_warmup, cfg.lr, cfg.mix.first_unmixed_epochs, cfg.mix.rule) == (0.3, 0.1, 2, "all")
+    assert old == {"warmup": 0.3, "lr": 0.1, "mix": {"warmup_epochs": 2, "rule": "all"}}  # not changed in place
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert read_config(str(path)) == {"lr_warmup": 0.3, "lr": 0.1, "mix": {"first_unmixed_epochs": 2, "rule": "all"}}
+    assert split_method("mixtrain(warmup_epochs=2)") == ("mixtrain", {"first_unmixed_epochs": 2})
+    # a config holding both names keeps the new one
+    assert TrainConfig.from_dict({"warmup": 0.3, "lr_warmup": 0.05}).lr_warmup == 0.05

@@ -70,7 +70,7 @@ def test_baseline_plan():
 
 
 def test_warmup_and_final_epochs_unmixed():
-    s = MixTrain(N, GRID, 6, opts=MixOptions(warmup_epochs=2, final_unmixed_epochs=2, rule="all"))
+    s = MixTrain(N, GRID, 6, opts=MixOptions(first_unmixed_epochs=2, final_unmixed_epochs=2, rule="all"))
     _observe(s, *_easy_hard_memory())
     mixed = []
     for epoch in range(6):
@@ -86,7 +86,7 @@ def test_warmup_and_final_epochs_unmixed():
 
 
 def test_auto_rule_pairs_mixable_rest_alone():
-    s = MixTrain(N, GRID, 5, opts=MixOptions(warmup_epochs=1, confidence=0.75, quad_confidence=0.0))
+    s = MixTrain(N, GRID, 5, opts=MixOptions(first_unmixed_epochs=1, confidence=0.75, quad_confidence=0.0))
     loss, correct = _easy_hard_memory()
     # one sample with a low loss but classified wrong (the margin rule must not mix it)
     loss[np.flatnonzero(~correct & ~np.isnan(loss))[0]] = 0.01
@@ -108,7 +108,7 @@ def test_auto_rule_pairs_mixable_rest_alone():
 
 
 def test_adaptive_share_gives_harder_sample_more_area_on_grid():
-    opts = MixOptions(warmup_epochs=0, rule="all", min_share=0.25)
+    opts = MixOptions(first_unmixed_epochs=0, rule="all", min_share=0.25)
     s = MixTrain(N, GRID, 2, opts=opts)
     r = np.random.default_rng(3)
     loss = r.uniform(0.001, 3.0, N).astype(np.float32)
@@ -143,7 +143,7 @@ def test_min_share_clip(min_share, lo):
 
 
 def test_fixed_ratio_is_half():
-    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", ratio="fixed"))
+    s = MixTrain(N, GRID, 2, opts=MixOptions(first_unmixed_epochs=0, rule="all", ratio="fixed"))
     _observe(s, np.random.default_rng(0).uniform(0.01, 3, N), np.ones(N, bool))
     plan = s.plan_epoch(0, _rng(0))
     pairs = plan.valid.sum(1) == 2
@@ -162,7 +162,7 @@ def test_fraction_and_threshold_rules():
     chosen = choose_mixed(loss, correct, MixOptions(rule="threshold", threshold=0.5))
     assert np.array_equal(chosen, loss < 0.5)
     assert not choose_mixed(loss, correct, MixOptions(rule="auto"))[5]
-    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="fraction", fraction=0.3))
+    s = MixTrain(N, GRID, 2, opts=MixOptions(first_unmixed_epochs=0, rule="fraction", fraction=0.3))
     _observe(s, loss, correct)
     plan = s.plan_epoch(0, _rng(0))
     _each_once(plan)
@@ -172,7 +172,7 @@ def test_fraction_and_threshold_rules():
 
 
 def test_easy_hard_pairing():
-    s = MixTrain(N, GRID, 2, opts=MixOptions(warmup_epochs=0, rule="all", pairing="easy-hard", quad_confidence=0.0))
+    s = MixTrain(N, GRID, 2, opts=MixOptions(first_unmixed_epochs=0, rule="all", pairing="easy-hard", quad_confidence=0.0))
     loss = np.arange(N, dtype=np.float32) / N + 0.01
     _observe(s, loss, np.ones(N, bool))
     plan = s.plan_epoch(0, _rng(0))
@@ -182,7 +182,7 @@ def test_easy_hard_pairing():
 
 
 def test_quads_and_pass_count():
-    opts = MixOptions(warmup_epochs=0, quad_confidence=0.9)
+    opts = MixOptions(first_unmixed_epochs=0, quad_confidence=0.9)
     s = MixTrain(N, GRID, 2, opts=opts)
     assert s.slots == 4
     loss, correct = _easy_hard_memory()
@@ -215,7 +215,7 @@ def test_quads_need_a_2x2_grid_and_bad_options_are_errors():
     with pytest.raises(MixtrainError, match="no room"):
         MixTrain(N, (1, 1), 2)
     for bad in (dict(rule="sometimes"), dict(ratio="golden"), dict(min_share=0.7), dict(fraction=1.5),
-                dict(pairing="friends"), dict(warmup_epochs=-1)):
+                dict(pairing="friends"), dict(first_unmixed_epochs=-1)):
         with pytest.raises(MixtrainError):
             MixTrain(N, GRID, 2, opts=MixOptions(**bad))
     with pytest.raises(MixtrainError, match="unknown method"):
@@ -231,7 +231,7 @@ def test_same_memory_same_seed_same_plan():
     # every rank builds the same plan from the same memory and seed
     plans = []
     for _ in range(2):
-        s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0))
+        s = MixTrain(N, GRID, 3, opts=MixOptions(first_unmixed_epochs=0))
         _observe(s, *_easy_hard_memory())
         plans.append(s.plan_epoch(1, np.random.default_rng([7, 1, 1])))
     for k, v in plans[0].arrays().items():
@@ -240,7 +240,7 @@ def test_same_memory_same_seed_same_plan():
 
 @pytest.mark.parametrize("batch, world", [(4, 1), (3, 2), (5, 3), (7, 4)])
 def test_padding_and_sharding_keep_each_sample_once(batch, world):
-    s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0))
+    s = MixTrain(N, GRID, 3, opts=MixOptions(first_unmixed_epochs=0))
     _observe(s, *_easy_hard_memory())
     plan = s.plan_epoch(1, _rng(1))
     full = plan.padded(batch * world, _rng(9), GRID)
@@ -274,7 +274,7 @@ def test_shard_needs_padding_first():
 
 def test_nothing_seen_nothing_mixed():
     # mixing epochs before any loss was recorded: the auto rule mixes nothing, the plan is still whole
-    s = MixTrain(N, GRID, 3, opts=MixOptions(warmup_epochs=0, quad_confidence=0.9))
+    s = MixTrain(N, GRID, 3, opts=MixOptions(first_unmixed_epochs=0, quad_confidence=0.9))
     plan = s.plan_epoch(0, _rng(0))
     _each_once(plan)
     assert plan.mixed_samples == 0 and plan.passes == N and plan.slots == 4

@@ -409,7 +409,7 @@ def test_non_finite_weights_with_finite_loss_are_never_checkpointed(npz_dir, tmp
 
 
 def test_huge_learning_rate_stops_cleanly(npz_dir, tmp_path, capsys):
-    rc = _train_cli(npz_dir, tmp_path, "--lr", "1e12", "--warmup", "0")
+    rc = _train_cli(npz_dir, tmp_path, "--lr", "1e12", "--lr-warmup", "0")
     err = capsys.readouterr().err
     assert rc == 2 and "error: non-finite" in err and "epoch 1" in err and "Try a lower --lr" in err
     assert not (tmp_path / "checkpoint.pt").exists()  # nothing good to keep

@@ -217,8 +217,8 @@ def test_show_without_a_run_warms_up_on_the_cpu(tmp_path):
     out = tmp_path / "warm.png"
     summary = S.show(str(out), data="digits", model="digitnet", images=4, columns=4, train_samples=300, train_epochs=2,
                      log=lambda *a: None)
-    assert "2-epoch warm-up on 300 samples" in summary["memory"]
-    assert summary["epoch"] == 3 and summary["samples"] == 300  # the epoch after the warm-up, over its samples
+    assert "2-epoch pre-training run on 300 samples" in summary["memory"]
+    assert summary["epoch"] == 3 and summary["samples"] == 300  # the epoch after the pre-training run, over its samples
     assert all(i < 300 for it in summary["items"] for i in it.index)
     assert png_size(out) == (800, 62 + 152 + 8)
 

@@ -27,7 +27,7 @@ import sys
 import time
 
 from .errors import MixtrainError
-from .options import METHODS, NOT_BENCH_SETUP, add_debug_option, add_train_options, config_from_args
+from .options import METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, config_from_args, upgrade_config
 
 FORMAT = "mixtrain-bench/1"
 RESULTS = "results.json"
@@ -89,6 +89,7 @@ def split_method(spec: str) -> tuple[str, dict]:
         for item in filter(None, (s.strip() for s in rest[:-1].split(";"))):
             key, eq, value = item.partition("=")
             key = key.strip().replace("-", "_")
+            key = RENAMED.get(f"mix.{key}", f"mix.{key}")[4:]  # a spec written before a rename
             if not eq or key not in types:
                 raise MixtrainError(f"--methods: {item!r} in {spec!r} is not KEY=VALUE with KEY one of {', '.join(types)}")
             kind = type(getattr(defaults, key))
@@ -278,7 +279,7 @@ def _gain_text(r: dict, rows: list[dict], reference: str) -> str:
 
 
 def _setup_summary(setup: dict) -> str:
-    keys = ["batch_size", "optimizer", "lr", "warmup", "weight_decay", "label_smoothing", "clip_grad", "precision", "channels_last",
+    keys = ["batch_size", "optimizer", "lr", "lr_warmup", "weight_decay", "label_smoothing", "clip_grad", "precision", "channels_last",
             "compile", "pad", "flip", "deterministic"]
     parts = [f"{k}={setup[k]}" for k in keys if k in setup]
     mix = setup.get("mix") or {}
@@ -464,6 +465,8 @@ def load_results(out_dir: str) -> dict:
         raise MixtrainError(f"{path} is not readable JSON: {e}") from e
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise MixtrainError(f"{path} is not a mixtrain bench results file (format {FORMAT})")
+    if isinstance(results.get("setup"), dict):
+        results["setup"] = upgrade_config(results["setup"])
     for r in results.get("runs", []):
         missing = [k for k in ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples") if k not in r]
         if missing:
@@ -626,7 +629,7 @@ def _warm_up(base, data, methods, out: str, session: dict, log):
     warm_data = warmup_subset(data, n_warm, base.eval_batch_size)
     for method in methods:
         mix = dataclasses.replace(base.mix, **split_method(method)[1])
-        warm_epochs = 1 if method == "baseline" else mix.warmup_epochs + 1
+        warm_epochs = 1 if method == "baseline" else mix.first_unmixed_epochs + 1
         cfg = _run_config(base, method, warm_epochs, 0, os.path.join(out, "warmup", _safe(method)), progress="none",
                           eval_every=0, csv=False, tensorboard=False)
         cfg.mix.rule = "all"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import MixtrainError
+from .options import upgrade_config
 
 
 def save_atomic(state: dict, path: str):
@@ -280,7 +281,7 @@ def check_config(state, defaults: dict, resumable=frozenset()):
     it with this run's options cannot fail). A missing option reads as its default, as for a
     checkpoint of a version before that option; an unknown one is ignored."""
     need_dict(state, "checkpoint", required=("config",))
-    config = need_dict(state["config"], "config")
+    config = upgrade_config(need_dict(state["config"], "config"))
     if "world_size" in state:  # absent in checkpoints of versions before it: one process
         need_int(state["world_size"], "world_size", 1)
     for key, default in defaults.items():

@@ -11,6 +11,7 @@ from .options import (  # noqa: F401 (add_train_options, config_from_args: re-ex
     METHODS,
     RESUMABLE_CHANGES,
     TrainConfig,
+    upgrade_config,
     add_debug_option,
     add_train_options,
     args_as_config,
@@ -48,14 +49,10 @@ OVERWRITTEN = RUN_FILES + ("log.csv", "curves.png")
 CONFIG_EXTRAS = ("resolved_model", "grid", "augment", "world_size")
 
 
-def read_config(path: str, flag: str = "--config") -> dict:
-    """A training configuration file -- a run's ``config.json``, or YAML with the same keys (mixing
-    options under ``mix``) -- as a dict of options, each checked against the option's type.
-    ``resume`` is never read from a file (give ``--resume``); the run-describing keys a
-    ``config.json`` also holds are skipped."""
+def _parse_config_file(path: str, where: str):
+    """The JSON or YAML (by the file's ending) content of a config file; one error line if unreadable."""
     import json
 
-    where = f"{flag} {path}"
     try:
         with open(path) as f:
             text = f.read()
@@ -70,17 +67,26 @@ def read_config(path: str, flag: str = "--config") -> dict:
             raise MixtrainError(f"{where}: reading YAML needs PyYAML (pip install pyyaml); or give a JSON config "
                                 "such as a run's config.json") from None
         try:
-            d = yaml.safe_load(text)
+            return yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise MixtrainError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
-    else:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MixtrainError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); YAML files "
-                                "must end in .yaml or .yml") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MixtrainError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); YAML files "
+                            "must end in .yaml or .yml") from None
+
+
+def read_config(path: str, flag: str = "--config") -> dict:
+    """A training configuration file -- a run's ``config.json``, or YAML with the same keys (mixing
+    options under ``mix``) -- as a dict of options, each checked against the option's type.
+    ``resume`` is never read from a file (give ``--resume``); the run-describing keys a
+    ``config.json`` also holds are skipped; old names of renamed options read as the new ones."""
+    where = f"{flag} {path}"
+    d = _parse_config_file(path, where)
     if not isinstance(d, dict):
         raise MixtrainError(f"{where}: must hold a mapping of option names to values, not {type(d).__name__}")
+    d = upgrade_config(d)
     defaults = TrainConfig().to_dict()
     mix_defaults = defaults.pop("mix")
     unknown = [k for k in d if k not in defaults and k not in CONFIG_EXTRAS and k != "mix"]

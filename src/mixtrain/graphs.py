@@ -33,7 +33,7 @@ class GraphedStep:
     """
 
     def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, state=(),
-                 extra: tuple[torch.Tensor, ...] = (), warmup: int = 3):
+                 extra: tuple[torch.Tensor, ...] = (), eager_steps: int = 3):
         self.eager_step = eager_step
         # static inputs besides the batch (streamed images and their slot positions): each step's
         # values are copied into their leading rows before the replay; eager_step(batch, *extra)
@@ -43,7 +43,7 @@ class GraphedStep:
         # tensors the step updates besides the model and optimizer (a strategy's loss memory:
         # Strategy.step_state()); the warm-up steps are undone on them too
         self.state = tuple(state)
-        self.warmup = warmup
+        self.eager_steps = eager_steps
         self.graph = None
         self.static: Batch | None = None
         self.loss = None
@@ -116,7 +116,7 @@ class GraphedStep:
             with torch.cuda.stream(side), warnings.catch_warnings():
                 # a capturable optimizer (AdamW) warns when stepped outside a capture: here on purpose
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                for _ in range(self.warmup):
+                for _ in range(self.eager_steps):
                     self.eager_step(self.static, *self.extra)
             torch.cuda.current_stream().wait_stream(side)
             self._restore(snap)

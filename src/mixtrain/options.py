@@ -119,7 +119,7 @@ def _model_help() -> str:
 class MixOptions:
     """Options of the mixing strategies (every default is visible in ``--help`` and the config)."""
 
-    warmup_epochs: int = option(1, "first epochs trained unmixed (the loss memory fills)", group=MIXING)
+    first_unmixed_epochs: int = option(1, "first epochs trained unmixed (the loss memory fills)", group=MIXING)
     final_unmixed_epochs: int = option(
         -1, "last epochs trained unmixed (-1: one per 15 epochs of the schedule, at least one: 1 of 10, 2 of 30)",
         group=MIXING)
@@ -174,8 +174,8 @@ class MixOptions:
         if not 0.0 <= self.prune_until <= 1.0:
             raise OptionError("{prune_until} is a fraction of the schedule and must be in [0, 1], got {got}",
                               got=self.prune_until)
-        if self.warmup_epochs < 0:
-            raise OptionError("{warmup_epochs} must be >= 0, got {got}", got=self.warmup_epochs)
+        if self.first_unmixed_epochs < 0:
+            raise OptionError("{first_unmixed_epochs} must be >= 0, got {got}", got=self.first_unmixed_epochs)
         if self.final_unmixed_epochs < -1:
             raise OptionError("{final_unmixed_epochs} must be >= 0, or -1 for one per 15 epochs of the schedule (at "
                               "least one), got {got}", got=self.final_unmixed_epochs)
@@ -207,7 +207,7 @@ class TrainConfig:
                       resumable=True, bench=False)
     lr: float = option(0.2, "peak learning rate (one-cycle schedule in samples seen; the default suits SGD)",
                        group=OPTIMISATION)
-    warmup: float = option(0.15, "fraction of all samples over which the LR rises from 0 to its peak",
+    lr_warmup: float = option(0.15, "fraction of all samples over which the LR rises from 0 to its peak",
                            group=OPTIMISATION)
     optimizer: str = option(
         "sgd", "sgd (with --momentum and --nesterov) or adamw (the usual choice for ViTs: give it its own --lr, e.g. "
@@ -283,8 +283,9 @@ class TrainConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
-        """The config of a :meth:`to_dict` dict (keys it does not know are ignored)."""
-        d = dict(d)
+        """The config of a :meth:`to_dict` dict (keys it does not know are ignored; the old names
+        of renamed options are read as the new ones)."""
+        d = upgrade_config(d)
         mix = MixOptions(**d.pop("mix", {}))
         names = {f.name for f in fields(TrainConfig)}
         return TrainConfig(mix=mix, **{k: v for k, v in d.items() if k in names})
@@ -307,8 +308,8 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN
             raise OptionError("{label_smoothing} must be in [0, 1), got {got}", got=self.label_smoothing)
         _finite_at_least_0(self, "clip_grad", note=" (0: off)")
-        if not 0.0 <= self.warmup <= 1.0:
-            raise OptionError("{warmup} is a fraction of all samples and must be in [0, 1], got {got}", got=self.warmup)
+        if not 0.0 <= self.lr_warmup <= 1.0:
+            raise OptionError("{lr_warmup} is a fraction of all samples and must be in [0, 1], got {got}", got=self.lr_warmup)
         if self.pad < -1:
             raise OptionError("{pad} must be >= 0, or -1 for image size / 8, got {got}", got=self.pad)
         if self.cache_size < 0:
@@ -337,6 +338,25 @@ class TrainConfig:
             self.mix.check()
         except OptionError as e:
             raise e.within("mix") from None
+
+
+# options renamed since 0.1.0's first configs, old key -> new key: "warmup" meant four things
+# (the LR ramp, the first unmixed epochs, a bench's untimed run, a graph capture's eager steps)
+RENAMED = {"warmup": "lr_warmup", "mix.warmup_epochs": "mix.first_unmixed_epochs"}
+
+
+def upgrade_config(d: dict) -> dict:
+    """A copy of a config dict (``config.json``, a checkpoint's or a bench's setup) with the old
+    names of renamed options (:data:`RENAMED`) read as the new ones."""
+    d = dict(d)
+    if isinstance(d.get("mix"), dict):
+        d["mix"] = dict(d["mix"])
+    for old, new in RENAMED.items():
+        (*outer_old, key_old), (*_, key_new) = old.split("."), new.split(".")
+        where = d["mix"] if outer_old and isinstance(d.get("mix"), dict) else (None if outer_old else d)
+        if where is not None and key_old in where and key_new not in where:
+            where[key_new] = where.pop(key_old)
+    return d
 
 
 # ----------------------------------------------------------------------------------------------

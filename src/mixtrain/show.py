@@ -6,7 +6,7 @@ loss memory (``plan_epoch``, with the trainer's random generators for that epoch
 the plan becomes an :class:`~mixtrain.batches.EpochBatches` batch, ``Batch.compose`` renders it
 exactly as training does, and the plan's grid-cell boxes (``compose.pixel_boxes``) give the region
 borders drawn over it. The loss memory comes from a run's checkpoint (``--from DIR``) or from a
-short warm-up: a tiny training run on the CPU.
+short pre-training run: a tiny training run on the CPU.
 
 Everything is drawn with matplotlib's Agg canvas (no pyplot, no display, no global backend
 switch). A panel -- one composite -- is an RGB array at a whole-number pixel scale; each region's
@@ -303,7 +303,7 @@ def _read_run(folder: str):
     if not os.path.exists(path):
         raise MixtrainError(
             f"--from {folder}: no checkpoint.pt (the run was trained with --save-checkpoints off, or has not "
-            "finished its first epoch); without --from, a short warm-up fills the loss memory"
+            "finished its first epoch); without --from, a short pre-training run fills the loss memory"
         )
     state = ckpt.load(path)
     if not isinstance(state, dict) or "strategy" not in state or "epoch" not in state:
@@ -323,7 +323,7 @@ def _default_epoch(strategy, after: int) -> int:
     return before[-1] if before else mixing[0]
 
 
-def _warm_up(data, cfg, samples: int, epochs: int, log):
+def _pretrain(data, cfg, samples: int, epochs: int, log):
     """Train the model with mixtrain on the CPU on the first ``samples`` training samples of
     ``data`` for ``epochs`` epochs (the first unmixed, the rest mixing); returns (the slice, the
     trained strategy)."""
@@ -336,7 +336,7 @@ def _warm_up(data, cfg, samples: int, epochs: int, log):
     with tempfile.TemporaryDirectory(prefix="mixtrain-show-") as tmp:
         warm = dataclasses.replace(cfg, method="mixtrain", epochs=epochs, batch_size=min(64, n), lr=0.05, out=tmp,
                                    mix=MixOptions(final_unmixed_epochs=0))
-        log(f"warm-up: {epochs} epochs of {warm.resolved_model()} on {n} samples (CPU) to fill the loss memory ...")
+        log(f"pre-training: {epochs} epochs of {warm.resolved_model()} on {n} samples (CPU) to fill the loss memory ...")
         trainer = Trainer(warm, data=part)
         trainer.fit()
     return part, trainer.strategy
@@ -397,8 +397,8 @@ def _cpu_trainer(cfg, run: str | None, data: str | None):
 
 def _loss_memory(trainer, cfg, run: str | None, state: dict | None, train_samples: int, train_epochs: int, log):
     """(dataset, strategy, what its loss memory is, epochs it has seen). The memory comes from the
-    run's checkpoint with ``run``, else from a CPU warm-up when the method plans from one (the
-    dataset is then the warm-up's slice); a method without one plans as it is."""
+    run's checkpoint with ``run``, else from a short CPU pre-training run when the method plans from one (the
+    dataset is then the pre-training run's slice); a method without one plans as it is."""
     from .strategies import create_strategy
 
     dataset, strategy = trainer.data, trainer.strategy
@@ -410,10 +410,10 @@ def _loss_memory(trainer, cfg, run: str | None, state: dict | None, train_sample
         memory_text = f"loss memory from {run} after epoch {int(state['epoch'])} of {cfg.epochs}"
         return dataset, strategy, memory_text, int(state["epoch"])
     if strategy.uses_memory:
-        dataset, warm = _warm_up(dataset, cfg, train_samples, train_epochs, log)
+        dataset, warm = _pretrain(dataset, cfg, train_samples, train_epochs, log)
         strategy = create_strategy(cfg.method, dataset.num_train, trainer.grid, cfg.epochs, "cpu", cfg.mix)
         strategy.load_state_dict(warm.state_dict())
-        memory_text = f"loss memory from a {train_epochs}-epoch warm-up on {dataset.num_train} samples (CPU)"
+        memory_text = f"loss memory from a {train_epochs}-epoch pre-training run on {dataset.num_train} samples (CPU)"
         return dataset, strategy, memory_text, train_epochs
     return dataset, strategy, "no loss memory (this method plans without one)", 0
 
@@ -463,7 +463,7 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
 
     ``run``: a training run's folder (its config.json and checkpoint.pt give the options and the
     loss memory); without it the options are the defaults with ``data``, ``model``, ``method``,
-    ``epochs`` and ``seed``, and for mixtrain a warm-up of ``train_epochs`` epochs on
+    ``epochs`` and ``seed``, and for mixtrain a pre-training run of ``train_epochs`` epochs on
     ``train_samples`` samples fills the loss memory. ``epoch`` and ``batch`` are 1-based (``epoch``
     0: chosen as the help says). Everything runs on the CPU. Returns a summary: the epoch, its
     tiers, and the drawn items.
@@ -508,7 +508,7 @@ def add_show_command(sub, fmt):
         description="Plan an epoch as training would, compose one batch of it (augmentation included) and draw "
                     "each composite with its region borders, each constituent's label and area share, and its "
                     "tier (alone, pair, quad). The loss memory that decides the tiers comes from a run's "
-                    "checkpoint (--from DIR) or, without one, from a short warm-up on the CPU.")
+                    "checkpoint (--from DIR) or, without one, from a short pre-training run on the CPU.")
     s.add_argument("--from", dest="run", metavar="DIR", default=None,
                    help="a mixtrain train --out folder: its config.json gives every option, its checkpoint.pt the loss memory")
     s.add_argument("--data", default=argparse.SUPPRESS,
@@ -520,14 +520,14 @@ def add_show_command(sub, fmt):
     s.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the plans and augmentation (default: 0; with --from the run's)")
     s.add_argument("--epoch", type=int, default=0,
                    help="epoch to plan, 1-based (0: with --from the epoch after the checkpoint, or the run's last "
-                        "mixing epoch once it is past that; without, the epoch after the warm-up, or the first "
+                        "mixing epoch once it is past that; without, the epoch after the pre-training run, or the first "
                         "mixing epoch of a method without a loss memory)")
     s.add_argument("--batch", type=int, default=1, help="which batch of --images composites of the epoch, 1-based")
     s.add_argument("--images", type=int, default=16, help="composites to draw")
     s.add_argument("--columns", type=int, default=8, help="composites per row")
-    s.add_argument("--train-samples", type=int, default=1000, help="without --from: the warm-up trains on this many samples (the first), and the plan covers them")
+    s.add_argument("--train-samples", type=int, default=1000, help="without --from: the pre-training run trains on this many samples (the first), and the plan covers them")
     s.add_argument("--train-epochs", type=int, default=3,
-                   help="without --from: epochs of the warm-up (the first unmixed, the rest mixing as in training)")
+                   help="without --from: epochs of the pre-training run (the first unmixed, the rest mixing as in training)")
     s.add_argument("--out", default="show.png", help="the PNG to write")
     add_debug_option(s)
     s.set_defaults(func=cmd_show)

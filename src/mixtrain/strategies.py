@@ -129,7 +129,7 @@ Baseline = Strategy
 
 
 class _Mixing(Strategy):
-    """Shared schedule of the mixing strategies: warm-up and final epochs unmixed."""
+    """Shared schedule of the mixing strategies: the first and the final epochs unmixed."""
 
     slots = 2
 
@@ -140,15 +140,15 @@ class _Mixing(Strategy):
         P.check_grid_can_mix(self.grid)
         if not any(self.mixing(e) for e in range(self.num_epochs)):  # nothing silent: say so now
             o, n = self.opts, self.num_epochs
-            notice(f"{self.name} will never mix in this run: of its {n} epoch(s), the first {o.warmup_epochs} "
-                   f"are warm-up and the last {o.final_epochs(n)} unmixed (warmup_epochs, final_unmixed_epochs; "
-                   f"--warmup-epochs, --final-unmixed-epochs); train at least "
-                   f"{o.warmup_epochs + o.final_epochs(n) + 1} epochs or lower those", stacklevel=3)
+            notice(f"{self.name} will never mix in this run: of its {n} epoch(s), the first {o.first_unmixed_epochs} "
+                   f"and the last {o.final_epochs(n)} are unmixed (first_unmixed_epochs, final_unmixed_epochs; "
+                   f"--first-unmixed-epochs, --final-unmixed-epochs); train at least "
+                   f"{o.first_unmixed_epochs + o.final_epochs(n) + 1} epochs or lower those", stacklevel=3)
 
     def mixing(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based) is one that mixes: after the warm-up, before the final unmixed epochs."""
+        """Whether ``epoch`` (0-based) is one that mixes: after the first unmixed epochs, before the final ones."""
         o = self.opts
-        return o.warmup_epochs <= epoch < self.num_epochs - o.final_epochs(self.num_epochs)
+        return o.first_unmixed_epochs <= epoch < self.num_epochs - o.final_epochs(self.num_epochs)
 
     def options(self) -> dict:
         return asdict(self.opts)

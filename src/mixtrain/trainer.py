@@ -280,7 +280,7 @@ class Trainer:
         n = self.data.num_train
         stretch = n / max(1, plan.samples)
         total = float(self.cfg.epochs * n)
-        return step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.warmup)
+        return step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
 
     def _restore_grad_stats(self, partial: dict | None) -> int:
         """The first step the epoch's gradient-norm statistics cover: this one, or the epoch's
