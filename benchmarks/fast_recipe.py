@@ -121,7 +121,8 @@ def parse_args(argv):
     p.add_argument("--epochs", default=None, help="epoch budgets of ours (default 8,9.9,11.5; smoke: 2,3)")
     p.add_argument("--seeds", default=None, help="seeds of ours: a count or a list (default 20; smoke: 1)")
     p.add_argument("--pooling", default="max", choices=("max", "avg"))
-    p.add_argument("--stop-after", type=float, default=560.0, help="seconds since start: start no run past this")
+    p.add_argument("--stop-after", type=float, default=300.0,
+                   help="seconds since start: start no run (ours or the script's, by its timeout) that would pass this")
     p.add_argument("--out", default="runs/fast_recipe")
     p.add_argument("--smoke", action="store_true", help="CPU, synthetic data, narrow network, seconds")
     return p.parse_args(argv)
