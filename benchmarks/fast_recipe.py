@@ -17,7 +17,7 @@ What it times, in one call:
    warm-up, train seconds (whitening + training, device synchronised) and train + TTA seconds
    (comparable to the script's own total), TTA and plain accuracy, passes.
 Writes ``OUT/fast_recipe.json`` (everything), ``OUT/results.json``, ``OUT/report.md`` and
-``OUT/frontier.png``. ``--stop-after`` (seconds since start, default 560) starts no run that
+``OUT/frontier.png``. ``--stop-after`` (seconds since start, default 300) starts no run that
 would pass it; skipped runs are listed.
 
     PYTHONPATH=src python benchmarks/fast_recipe.py --data /root/cifar10 --reference .peer/airbench94.py --out OUT
