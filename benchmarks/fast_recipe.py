@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from mixtrain.bench import parse_methods, parse_seeds  # noqa: E402
 from mixtrain.data import from_arrays, load_npz  # noqa: E402
-from mixtrain.fast import FastConfig, parse_budgets, run_fast, write_outputs  # noqa: E402
+from mixtrain.fast import FastConfig, parse_budgets, run_fast  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -150,7 +150,6 @@ def main(argv=None) -> int:
     stop = max(1e-3, a.stop_after - (time.perf_counter() - start)) if a.stop_after > 0 else 0.0
     results = run_fast(data.to(device), methods, budgets, seeds, cfg, device, a.out, stop, command, progress=False,
                        extra={"reference": reference}, warm_up=not a.smoke)
-    write_outputs(a.out, results)
     with open(os.path.join(a.out, "fast_recipe.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(open(os.path.join(a.out, "report.md")).read())
