@@ -121,6 +121,8 @@ def parse_args(argv):
     p.add_argument("--epochs", default=None, help="epoch budgets of ours (default 8,9.9,11.5; smoke: 2,3)")
     p.add_argument("--seeds", default=None, help="seeds of ours: a count or a list (default 20; smoke: 1)")
     p.add_argument("--pooling", default="max", choices=("max", "avg"))
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16"),
+                   help="ours: bf16 autocast over float32 weights, or fp16 weights with float batch-norm (as published)")
     p.add_argument("--stop-after", type=float, default=300.0,
                    help="seconds since start: start no run (ours or the script's, by its timeout) that would pass this")
     p.add_argument("--out", default="runs/fast_recipe")
@@ -132,11 +134,13 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     start = time.perf_counter()
     if a.smoke:
-        device, cfg = torch.device("cpu"), FastConfig(batch_size=32, widths=(8, 8, 8), whiten_images=64)
+        device = torch.device("cpu")
+        cfg = FastConfig(batch_size=32, widths=(8, 8, 8), whiten_images=64, precision=a.precision)
         data = from_arrays("synthetic", synthetic(128, 0), synthetic(64, 1), "synthetic")
         budgets, seeds = parse_budgets(a.epochs or "3"), parse_seeds(a.seeds or "1")
     else:
-        device, cfg = torch.device("cuda" if torch.cuda.is_available() else "cpu"), FastConfig(pooling=a.pooling)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = FastConfig(pooling=a.pooling, precision=a.precision)
         data = load_npz(a.data)
         budgets, seeds = parse_budgets(a.epochs or "8,9.9,11.5"), parse_seeds(a.seeds or "20")
     methods = parse_methods(a.methods or ("baseline,mixtrain(rule=all)" if a.smoke else "baseline,mixtrain"))

@@ -143,3 +143,12 @@ def test_the_fast_command_refuses_bad_input_with_one_error_line(argv, message, c
     assert main(["fast", "--device", "cpu", "--out", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_the_published_precision_half_weights_and_float_batch_norm_trains_too():
+    data = from_arrays("synthetic", synthetic(96, 0), synthetic(32, 1), "synthetic")
+    cfg = FastConfig(batch_size=32, widths=(8, 8, 8), whiten_images=32, precision="fp16")
+    run = train_run(data, "mixtrain(rule=all)", 3, 0, cfg, "cpu")
+    assert run["passes"] < run["samples"] and 0 <= run["tta_accuracy"] <= 1
+    with pytest.raises(Exception, match="precision must be bf16 or fp16"):
+        train_run(data, "baseline", 1, 0, FastConfig(precision="fp32"), "cpu")

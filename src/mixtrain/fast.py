@@ -59,7 +59,7 @@ class FastConfig:
     tta_level: int = 2  # 0 none, 1 mirror, 2 mirror + one-pixel translations
     pooling: str = "max"  # the head's pooling, and mixtrain's per region: max or avg
     average_every: int = 5  # steps between weight-average updates
-    bf16: bool = True  # bf16 autocast on the GPU
+    precision: str = "bf16"  # bf16: float32 weights, bf16 autocast on the GPU; fp16: half weights, float batch-norm (as published)
     widths: tuple = WIDTHS  # channels of the three conv groups (smaller for CPU smoke runs)
 
 
@@ -101,8 +101,24 @@ def memory_format(device) -> torch.memory_format:
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
+def input_dtype(cfg: FastConfig) -> torch.dtype:
+    return torch.float16 if cfg.precision == "fp16" else torch.float32
+
+
+def autocast_args(cfg: FastConfig, device) -> dict:
+    device = torch.device(device)
+    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda")
+
+
 def build_model(num_classes: int, in_chans: int, image_size, cfg: FastConfig, device) -> SpatialModel:
+    if cfg.precision not in ("bf16", "fp16"):
+        raise MixtrainError(f"precision must be bf16 or fp16, got {cfg.precision!r}")
     net = AirbenchNet(num_classes, in_chans, tuple(cfg.widths), cfg.pooling).to(device).to(memory_format=memory_format(device))
+    if cfg.precision == "fp16":  # the published form: half weights, batch-norm kept in float
+        net.half()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.float()
     return SpatialModel(net, image_size, in_chans)
 
 
@@ -121,7 +137,7 @@ class _Loop:
         self.normalize = Normalizer(data.mean, data.std, device)
         self.labels = data.train_y
         self.seen = self.steps = self.passes = 0
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+        self.autocast, self.dtype = autocast_args(cfg, device), input_dtype(cfg)
 
     @property
     def done(self) -> bool:
@@ -147,7 +163,7 @@ class _Loop:
             if self.done:
                 return
             idx = order[j * b:(j + 1) * b]
-            x = self.normalize(images[idx]).contiguous(memory_format=memory_format(self.device))
+            x = self.normalize(images[idx]).to(self.dtype).contiguous(memory_format=memory_format(self.device))
             y = self.labels[idx]
             with torch.autocast(**self.autocast):
                 logits = self.model(x).float()
@@ -166,7 +182,7 @@ class _Loop:
             if self.done:
                 return
             batch = batches.batch(j)
-            x = batch.compose(images, self.normalize).contiguous(memory_format=memory_format(self.device))
+            x = batch.compose(images, self.normalize).to(self.dtype).contiguous(memory_format=memory_format(self.device))
             y = batch.targets(self.labels)
             with torch.autocast(**self.autocast):
                 logits = self.method.forward(self.model, x, batch).float()
@@ -210,9 +226,9 @@ def evaluate(model, data, normalize, cfg: FastConfig, device, level: int, batch:
     """Test accuracy with test-time augmentation ``level`` (0: plain)."""
     model.eval()
     correct = torch.zeros((), device=device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    autocast, dtype = autocast_args(cfg, device), input_dtype(cfg)
     for i in range(0, len(data.test_x), batch):
-        x = normalize(data.test_x[i:i + batch]).contiguous(memory_format=memory_format(device))
+        x = normalize(data.test_x[i:i + batch]).to(dtype).contiguous(memory_format=memory_format(device))
         with torch.autocast(**autocast):
             logits = tta_logits(model, x, level)
         correct += (logits.argmax(-1) == data.test_y[i:i + batch]).sum()
@@ -431,7 +447,9 @@ def cmd_fast(args):
     if args.pooling not in ("max", "avg"):
         raise MixtrainError(f"--pooling must be max or avg, got {args.pooling!r}")
     device = resolve_device(args.device)
-    cfg = FastConfig(batch_size=args.batch_size, pooling=args.pooling, tta_level=args.tta_level)
+    if args.precision not in ("bf16", "fp16"):
+        raise MixtrainError(f"--precision must be bf16 or fp16, got {args.precision!r}")
+    cfg = FastConfig(batch_size=args.batch_size, pooling=args.pooling, tta_level=args.tta_level, precision=args.precision)
     data = load_data(args.data).to(device)
     if data.channels != 3 or tuple(data.image_size) != (32, 32):
         raise MixtrainError(f"the fast recipe is for 32x32 RGB images (CIFAR-10 class), got {data.image_size[0]}x"
@@ -458,6 +476,8 @@ def add_fast_command(sub, fmt):
     f.add_argument("--batch-size", type=int, default=1024, help="passes per step")
     f.add_argument("--pooling", default="max", help="the head's pooling, and each region's: max (published) or avg")
     f.add_argument("--tta-level", type=int, default=2, choices=(0, 1, 2), help="0 none, 1 mirror, 2 mirror + translations")
+    f.add_argument("--precision", default="bf16",
+                   help="bf16 (float32 weights, bf16 autocast on the GPU) or fp16 (half weights, float batch-norm, as published)")
     f.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     f.add_argument("--out", default="runs/fast", help="output folder")
     f.add_argument("--stop-after", type=float, default=0.0, metavar="SECONDS", help="start no run past this (0: no limit)")
