@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_commands
 
     add_bench_commands(sub, fmt)
+
+    from .fast import add_fast_command
+
+    add_fast_command(sub, fmt)
     return p
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .airbench import AirbenchNet
 from .errors import MixtrainError
 
 
@@ -198,6 +199,8 @@ class _TorchvisionBody(_AveragingHead):
 # name -> builder(num_classes, in_chans, image_size); the final grid at the size each is made for
 MODELS = {
     "digitnet": lambda nc, ic, s: DigitNet(nc, ic),  # small CNN for 16x16 digits (16 px -> 4x4 grid)
+    "airbench": lambda nc, ic, s: AirbenchNet(nc, ic),  # the fast recipe's convnet, max-pooled head (32 px -> 3x3; docs/fast-recipe.md)
+    "airbench_avg": lambda nc, ic, s: AirbenchNet(nc, ic, pooling="avg"),  # the same with an average-pooled head (32 px -> 3x3)
     "resnet18": lambda nc, ic, s: CifarResNet(BasicBlock, (2, 2, 2, 2), nc, ic),  # CIFAR ResNet-18 (32 px -> 4x4)
     "resnet34": lambda nc, ic, s: CifarResNet(BasicBlock, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-34 (32 px -> 4x4)
     "resnet50": lambda nc, ic, s: CifarResNet(Bottleneck, (3, 4, 6, 3), nc, ic),  # CIFAR ResNet-50 (32 px -> 4x4)
@@ -322,6 +325,8 @@ class SpatialModel(nn.Module):
         self.image_size = _pair(image_size)
         self.layout = "NCHW"  # NCHW | NHWC | NLC (tokens)
         self.num_prefix_tokens = 0
+        # a model declaring pooling="max" (AirbenchNet) is pooled by region maxima (region_max_pool); checked like the average
+        self.pooling = "max" if getattr(model, "pooling", "avg") == "max" else "avg"
         self.grid = self._probe(in_chans)
         # ViTs: separation in the attention itself (see _separated_tokens), where the model allows it
         self.separates_attention = bool(separate_attention) and self._can_mask_attention()
@@ -509,6 +514,8 @@ class SpatialModel(nn.Module):
         return f[:, self.num_prefix_tokens :] if self.num_prefix_tokens else f
 
     def _pool_all(self, f):
+        if self.pooling == "max":
+            return self._as_grid(f).amax((2, 3))
         if self.layout == "NLC":
             return self._patch_tokens(f).mean(1)
         return f.mean((1, 2)) if self.layout == "NHWC" else f.mean((2, 3))
@@ -534,6 +541,10 @@ class SpatialModel(nn.Module):
             f = self._separated_tokens(x, pool_masks)
         else:
             f = self.model.forward_features(x)
+        return self._as_grid(f)
+
+    def _as_grid(self, f: torch.Tensor) -> torch.Tensor:
+        """The body's raw output as ``[B, C, h, w]``."""
         if self.layout == "NLC":
             f = self._patch_tokens(f)
             b, n, c = f.shape
@@ -549,6 +560,8 @@ class SpatialModel(nn.Module):
     def pool_body_output(self, f: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
         """The body's raw output ``f`` (in its own layout: NCHW, NHWC or tokens) averaged over each
         region: ``[B, K, C]`` (no layout copies). :func:`region_pool` is the NCHW case."""
+        if self.pooling == "max":
+            return region_max_pool(self._as_grid(f), pool_masks)
         m = pool_masks.to(f.dtype)
         if self.layout == "NLC":
             return torch.einsum("bnc,bkn->bkc", self._patch_tokens(f), m.flatten(2))
@@ -574,6 +587,15 @@ def region_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tenso
     matrix product; an empty region (all zeros) pools to a zero vector.
     """
     return torch.einsum("bchw,bkhw->bkc", features, pool_masks.to(features.dtype))
+
+
+def region_max_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
+    """The maximum of ``features [B, C, h, w]`` over each region (``pool_masks [B, K, h, w] > 0``):
+    ``[B, K, C]``; an empty region pools to a zero vector. For heads that max-pool their grid."""
+    inside = pool_masks > 0
+    lowest = torch.finfo(features.dtype).min
+    m = torch.where(inside[:, :, None], features[:, None], lowest).amax((-2, -1))
+    return torch.where(inside.flatten(2).any(-1)[..., None], m, torch.zeros((), dtype=m.dtype, device=m.device))
 
 
 def _resampling_rows(src: int, max_dst: int) -> torch.Tensor:
