@@ -242,3 +242,15 @@ def test_warm_up_runs_the_mixed_step_at_the_default_options(tmp_path):
     assert p.returncode == 0, p.stderr
     warm = json.loads((out / "warmup" / "mixtrain" / "metrics.json").read_text())
     assert warm["epochs_log"][-1]["mixed_fraction"] > 0
+
+
+def test_a_bench_whose_first_method_is_a_variant_runs(tmp_path):
+    # the bench's shared config once took the first method spec, parentheses and all, as its method
+    data = _tiny_npz(tmp_path / "data")
+    out = tmp_path / "bench"
+    p = _bench(data, out, "--seeds", "1", "--epochs", "1", "--methods", "mixtrain(quad_confidence=0),baseline")
+    assert p.returncode == 0, p.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {r["key"] for r in results["runs"]} == {"mixtrain(quad_confidence=0)-e1-s0", "baseline-e1-s0"}
+    variant = next(r for r in results["runs"] if r["method"] != "baseline")
+    assert variant["base_method"] == "mixtrain" and variant["options"]["quad_confidence"] == 0.0

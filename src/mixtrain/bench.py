@@ -734,7 +734,7 @@ def cmd_bench(args):
     seeds = parse_seeds(args.seeds)
     if args.stop_after < 0:
         raise MixtrainError(f"--stop-after must be >= 0 seconds, got {args.stop_after}")
-    base = config_from_args(args, method=methods[0], epochs=epochs[0], seed=seeds[0], out=args.bench_out,
+    base = config_from_args(args, method=split_method(methods[0])[0], epochs=epochs[0], seed=seeds[0], out=args.bench_out,
                             resume=False)
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
