@@ -313,3 +313,52 @@ def test_own_loop_under_ddp_with_the_public_api(tmp_path):
     assert int(recs[0, 0]["passes"]) == n and int(recs[0, 1]["passes"]) == (n + 1) // 2  # epoch 2: all in pairs
     w0, w1 = (np.load(rec / f"rank{r}_weights.npy") for r in range(2))
     assert np.array_equal(w0, w1)
+
+
+def test_ddp_options_for_a_captured_step_are_what_ddp_takes(tmp_path):
+    """A step captured under DDP needs gradients as views of fixed buckets and a static graph; the
+    wrapper passes them (and the bucket size) and this PyTorch's DDP accepts and trains with them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mixtrain.distributed import ddp_options
+
+    assert ddp_options(False, 10) == {"find_unused_parameters": False, "bucket_cap_mb": 10.0}
+    assert ddp_options(True, 5) == {"find_unused_parameters": False, "bucket_cap_mb": 5.0,
+                                    "gradient_as_bucket_view": True, "static_graph": True}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        info = DistInfo(rank=0, world=2, device=torch.device("cpu"))  # world > 1: the wrapper wraps
+        net = info.wrap(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), graphed=True, bucket_mb=1)
+        assert isinstance(net, DDP) and net.gradient_as_bucket_view and net.static_graph
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):  # DDP's static graph settles over its first iterations
+            opt.zero_grad(set_to_none=True)
+            net(torch.randn(5, 3)).square().sum().backward()
+            opt.step()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_device_scalar_loss_weight_steps_exactly_as_its_float(tmp_path):
+    """Under a captured DDP step each rank's loss weight is a device scalar set before the replay:
+    a step with it must equal the step with the same weight as a float (and no host comparison)."""
+    from mixtrain import EpochBatches, Trainer, TrainConfig
+
+    def params_after_one_step(scale):
+        torch.manual_seed(0)
+        cfg = TrainConfig(data="digits", model="digitnet", device="cpu", batch_size=16, lr=0.1, progress="none",
+                          save_checkpoints=False, out=str(tmp_path / "run"))
+        tr = Trainer(cfg)
+        plan = tr.strategy.plan_epoch(0, np.random.default_rng(0))
+        batch = EpochBatches(plan, 16, tr.grid, tr.device, torch.Generator().manual_seed(0), image_size=tr.image_hw,
+                             augment=tr.augment).batch(0)
+        tr.step(batch, batch.compose(tr.data.train_x, tr.normalize), scale)
+        return [p.detach().clone() for p in tr.model.parameters()]
+
+    as_float, as_tensor, unweighted = params_after_one_step(0.5), params_after_one_step(torch.tensor(0.5)), \
+        params_after_one_step(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(as_float, as_tensor))
+    assert not all(torch.equal(a, b) for a, b in zip(as_float, unweighted))

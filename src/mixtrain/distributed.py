@@ -30,6 +30,23 @@ from .errors import MixtrainError, OptionError
 RECORD_ENV = "MIXTRAIN_RECORD_SAMPLES"
 
 
+def ddp_options(graphed: bool, bucket_mb: float = 25.0) -> dict:
+    """DDP's keyword arguments. Every parameter takes part in every step (body, region pooling,
+    head; empty slots pool to zero vectors but still go through the head), so no search for unused
+    parameters. ``bucket_mb``: the all-reduce bucket size. For a captured step (``graphed``) the
+    gradients are views into the buckets (no copy in or out, and fixed addresses the replayed
+    all-reduce reads) and the graph is static (the same buckets in the same order every step)."""
+    opts = {"find_unused_parameters": False, "bucket_cap_mb": float(bucket_mb)}
+    if graphed:
+        opts.update(gradient_as_bucket_view=True, static_graph=True)
+    return opts
+
+
+# eager DDP steps before a capture: DDP settles its buckets and hooks over its first iterations
+# (PyTorch's CUDA-graph notes ask for at least 11 before capturing a DDP step)
+DDP_EAGER_STEPS = 11
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -41,16 +58,24 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, model):
-        """``model`` in DDP when there are several processes (the trainer calls the wrapper)."""
+    def wrap(self, model, graphed: bool = False, bucket_mb: float = 25.0):
+        """``model`` in DDP when there are several processes (the trainer calls the wrapper).
+        ``graphed``: the step will be captured as a CUDA graph, all-reduce included (see
+        :func:`ddp_options`); DDP is then built on a side stream, as capture requires."""
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Every parameter takes part in every step (body, region pooling, head; empty slots pool
-        # to zero vectors but still go through the head), so no search for unused parameters.
-        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
+        kwargs = dict(device_ids=ids, output_device=ids[0] if ids else None, **ddp_options(graphed, bucket_mb))
+        if not (graphed and self.device.type == "cuda"):
+            return DDP(model, **kwargs)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            wrapped = DDP(model, **kwargs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return wrapped
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -20,7 +20,7 @@ import torch
 
 from .batches import Batch
 from .compose import Geometry
-from .errors import out_of_memory
+from .errors import MixtrainError, out_of_memory
 
 
 class GraphedStep:
@@ -33,7 +33,7 @@ class GraphedStep:
     """
 
     def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, state=(),
-                 extra: tuple[torch.Tensor, ...] = (), eager_steps: int = 3):
+                 extra: tuple[torch.Tensor, ...] = (), eager_steps: int = 3, fallback: bool = True):
         self.eager_step = eager_step
         # static inputs besides the batch (streamed images and their slot positions): each step's
         # values are copied into their leading rows before the replay; eager_step(batch, *extra)
@@ -44,6 +44,9 @@ class GraphedStep:
         # Strategy.step_state()); the warm-up steps are undone on them too
         self.state = tuple(state)
         self.eager_steps = eager_steps
+        # False under DDP: the ranks capture together, and one rank training eagerly while the others
+        # replay would pair its all-reduces with nothing; a failed capture is then an error
+        self.fallback = fallback
         self.graph = None
         self.static: Batch | None = None
         self.loss = None
@@ -133,6 +136,10 @@ class GraphedStep:
                 # clearly: the caller turns this into an error naming the batch size
                 self.graph = None
                 raise
+            if not self.fallback:
+                self.graph = None
+                raise MixtrainError(f"capturing the training step as a CUDA graph failed under DDP ({type(e).__name__}: "
+                                    f"{e}); train without it: cuda_graph='off' (--cuda-graph off)") from e
             torch.cuda.synchronize()
             self._restore(snap)
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", RuntimeWarning)

@@ -226,8 +226,12 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model", group=OPTIMISATION, switch=True, resumable=True,
                            speed=True)
     cuda_graph: str = option(
-        "auto", "capture the whole training step as a CUDA graph: auto (on for one CUDA process with resident data and "
-        "no --compile), on, off", group=OPTIMISATION, choices=("auto", "on", "off"), resumable=True, speed=True)
+        "auto", "capture the whole training step as a CUDA graph: auto (on for one CUDA process without --compile), "
+        "on (also under DDP: the gradient all-reduce is captured too; not yet measured on several GPUs), off",
+        group=OPTIMISATION, choices=("auto", "on", "off"), resumable=True, speed=True)
+    ddp_bucket_mb: float = option(
+        25.0, "several processes: DDP's all-reduce bucket size in MB (PyTorch's default: 25)", group=OPTIMISATION,
+        resumable=True, speed=True)
     image_size: int = option(0, "folder data: training resolution (0: 224)", group=DATA)
     cache_size: int = option(
         0, "folder data: image size of the decoded cache (shorter side resized, centre crop; 0: the training "
@@ -303,6 +307,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise OptionError("{" + name + "} must be >= 0, got {got}", got=getattr(self, name))
         _finite_at_least_0(self, "lr", "momentum", "weight_decay")
+        if not self.ddp_bucket_mb > 0 or not math.isfinite(self.ddp_bucket_mb):
+            raise OptionError("{ddp_bucket_mb} must be a finite number of MB > 0, got {got}", got=self.ddp_bucket_mb)
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise OptionError("{nesterov} on needs {momentum} > 0; give {nesterov} off for plain SGD without momentum")
         if not 0.0 <= self.label_smoothing < 1.0:  # also refuses NaN

@@ -191,10 +191,14 @@ class Trainer:
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim > 1 else no_decay).append(p)
-        graphable = self.device.type == "cuda" and self.dist.world == 1 and not cfg.compile
+        graphable = self.device.type == "cuda" and not cfg.compile
         if cfg.cuda_graph == "on" and not graphable:
-            raise OptionError("{cuda_graph} on needs one CUDA process and no {compile}")
-        self.use_graph = graphable and cfg.cuda_graph != "off"
+            raise OptionError("{cuda_graph} on needs CUDA and no {compile}")
+        # auto: one process; under DDP only when asked (on), until measured on several GPUs
+        self.use_graph = graphable and (cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and self.dist.world == 1))
+        # under DDP each step weighs this rank's mean loss by its share of the global batch: a
+        # device scalar, so that a captured step reads each step's weight (set before the replay)
+        self.loss_weight = torch.ones((), device=self.device) if self.dist.world > 1 else None
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"  # one kernel per step instead of several
         if cfg.optimizer == "adamw":  # the usual choice for ViTs
@@ -202,7 +206,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused, capturable=self.use_graph)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
-        self.net = self.dist.wrap(self.model)
+        self.net = self.dist.wrap(self.model, graphed=self.use_graph, bucket_mb=cfg.ddp_bucket_mb)
         self.forward = torch.compile(self.net, dynamic=False) if cfg.compile else self.net
         # with --clip-grad: per epoch, sum and max of the (unclipped) gradient norm and the count of
         # clipped steps, accumulated on the device in place (so the CUDA graph updates them too)
@@ -427,8 +431,12 @@ class Trainer:
         id): replayed as a CUDA graph where possible (captured at the first call), else eagerly.
         ``scale`` weighs this rank's mean loss under DDP. Returns the loss (on the device)."""
         if self.graphed is None and self.use_graph:
+            if self.loss_weight is not None:
+                self.loss_weight.fill_(scale)
             self.capture_graph(batch, lr, images, src)
         if self.graphed is not None:
+            if self.loss_weight is not None:
+                self.loss_weight.fill_(scale)  # a kernel launch, no host synchronisation
             return self.graphed.step(batch, lr, () if src is None else (images, src))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -444,9 +452,10 @@ class Trainer:
         """
         from .graphs import GraphedStep
 
+        weight = 1.0 if self.loss_weight is None else self.loss_weight  # read at each replay under DDP
         if src is None:
             def step(b):
-                return self.step(b, b.compose(images, self.normalize))
+                return self.step(b, b.compose(images, self.normalize), weight)
             extra = ()
         else:
             rows = batch.index.numel()  # the most distinct images a step can show
@@ -454,9 +463,11 @@ class Trainer:
                      torch.zeros_like(src))
 
             def step(b, static_images, static_src):
-                return self.step(b, b.compose(static_images, self.normalize, static_src))
+                return self.step(b, b.compose(static_images, self.normalize, static_src), weight)
 
-        g = GraphedStep(step, self.optimizer, self.model, self.strategy.step_state(), extra)
+        several = self.dist.world > 1  # all ranks capture at the same step; a rank alone cannot fall back
+        g = GraphedStep(step, self.optimizer, self.model, self.strategy.step_state(), extra,
+                        eager_steps=D.DDP_EAGER_STEPS if several else 3, fallback=not several)
         before = None if self.grad_stats is None else self.grad_stats.clone()
         if g.capture(batch, lr, () if src is None else (images, src)):
             self.graphed = g
@@ -466,7 +477,7 @@ class Trainer:
         if before is not None:  # the capture's warm-up steps do not count
             self.grad_stats.copy_(before)
 
-    def step(self, batch, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def step(self, batch, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """One eager step on composed images ``x``: the strategy's forward and loss, backward,
         gradient clipping, the optimizer, and the strategy's record of each sample's loss. Fixed
         shapes, no host synchronisation: this is what the CUDA graph captures."""
@@ -477,7 +488,8 @@ class Trainer:
             logits = s.forward(self.forward, x, batch)  # the strategy pools (per region, or globally)
         loss, ce = s.loss(batch, logits, targets, self.cfg.label_smoothing, self.loss_per)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss if scale == 1.0 else loss * scale).backward()
+        # scale: a float, or under a captured DDP step a device scalar (never compared on the host)
+        (loss * scale if torch.is_tensor(scale) or scale != 1.0 else loss).backward()
         if self.grad_stats is not None:  # on the device, no host sync (so also inside the CUDA graph)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad, foreach=True)
             st = self.grad_stats
