@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import MixtrainError, OptionError
+from .errors import OptionError
 
 FINITE_CHECK_EVERY = 25  # steps between the early, non-blocking looks at an epoch's step losses
 

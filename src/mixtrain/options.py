@@ -25,13 +25,13 @@ from typing import Any, Callable
 
 from .errors import MixtrainError, OptionError
 
-METHODS = "baseline, mixtrain, cutmix, mixup, infobatch"
+METHODS = "baseline, mixtrain, cutmix, mixup, infobatch, mixprune"
 MIN_IMAGE_SIZE = 8  # smallest --image-size for resampled data (a random-resized crop below this is noise)
 IMAGENET_STYLE_FROM = 128  # --model auto: ImageNet-style data trained at >= this many pixels gets the ImageNet stem
 
 # the sections of --help, in order
 RUN, OPTIMISATION, DATA, MIXING, LOGGING = (
-    "run", "optimisation", "data handling", "mixing and pruning (mixtrain, cutmix, mixup, infobatch)",
+    "run", "optimisation", "data handling", "mixing and pruning (mixtrain, cutmix, mixup, infobatch, mixprune)",
     "logging and checkpoints",
 )
 GROUPS = (RUN, OPTIMISATION, DATA, MIXING, LOGGING)
@@ -147,8 +147,9 @@ class MixOptions:
         "samples", "batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger "
         "steps when more is mixed)", group=MIXING, choices=("samples", "passes"))
     prune_ratio: float = option(
-        0.5, "infobatch: fraction of the samples with below-mean loss left out of each pruned epoch (the kept ones "
-        "weigh 1/(1-r))", group=MIXING)
+        0.5, "infobatch: fraction of the samples with below-mean loss left out of each pruned epoch; mixprune: "
+        "fraction of the quad tier (p(true) >= --quad-confidence) left out of each mixed epoch (the kept ones weigh "
+        "1/(1-r))", group=MIXING)
     prune_until: float = option(
         0.875, "infobatch: prune in the epochs before this fraction of the schedule, then train on all the data",
         group=MIXING)

@@ -273,24 +273,30 @@ class MixTrain(_Mixing):
                 items.append(P.quads(q[: 4 * nq].reshape(nq, 4), self.slots, self.grid, o.quad_resize))
             mixable = mixable.copy()
             mixable[q[: 4 * nq]] = False
-        pool = np.flatnonzero(mixable)
+        items.append(self.pair_items(np.flatnonzero(mixable), loss, rng))
+        return self.with_singles(items, np.ones(n, bool), rng)
+
+    def pair_items(self, pool: np.ndarray, loss: np.ndarray, rng) -> P.EpochPlan:
+        """The pairs of the samples in ``pool`` (by the pairing rule; an odd one out stays unpaired),
+        each pair's area split by the ratio rule."""
+        o = self.opts
         if o.pairing == "easy-hard":
             order = pool[np.argsort(np.nan_to_num(loss[pool], nan=0.0), kind="stable")]
             half = len(order) // 2
             a, b = order[:half], order[len(order) - half :][::-1]
-            rest = order[half : len(order) - half]
         else:
-            a, b, rest = self._random_pairs(pool, rng)
-        if o.ratio == "adaptive":
-            share = adaptive_share(loss[a], loss[b])
-        else:
-            share = np.full(len(a), 0.5)
+            a, b, _ = self._random_pairs(pool, rng)
+        share = adaptive_share(loss[a], loss[b]) if o.ratio == "adaptive" else np.full(len(a), 0.5)
         axis = rng.integers(0, 2, len(a))
-        items.append(P.pairs(a, b, share, axis, self.slots, self.grid, o.min_share, o.pair_resize))
-        alone = np.ones(n, bool)
+        return P.pairs(a, b, share, axis, self.slots, self.grid, o.min_share, o.pair_resize)
+
+    def with_singles(self, items: list, trained: np.ndarray, rng) -> P.EpochPlan:
+        """The epoch's plan: ``items`` plus every sample marked in ``trained`` that no item holds,
+        alone; items in a random order."""
+        alone = trained.copy()
         for it in items:
             alone[it.index[it.valid]] = False
-        items.append(P.singles(np.flatnonzero(alone), self.slots, self.grid))
+        items = items + [P.singles(np.flatnonzero(alone), self.slots, self.grid)]
         plan = P.EpochPlan.concat(items)
         return plan.take(rng.permutation(plan.items))
 
@@ -308,12 +314,14 @@ class MixTrain(_Mixing):
 
 
 from .infobatch import InfoBatch  # noqa: E402  (a strategy module of its own; it builds on the classes above)
+from .mixprune import MixPrune  # noqa: E402
 
-STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mixup": MixUp, "infobatch": InfoBatch}
+STRATEGIES = {"baseline": Baseline, "mixtrain": MixTrain, "cutmix": CutMix, "mixup": MixUp, "infobatch": InfoBatch,
+              "mixprune": MixPrune}
 
 
 def create_strategy(method: str, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None) -> Strategy:
-    """The strategy named ``method`` (baseline, mixtrain, cutmix, mixup, infobatch) for
+    """The strategy named ``method`` (baseline, mixtrain, cutmix, mixup, infobatch, mixprune) for
     ``num_samples`` training samples, a model with feature ``grid``, a schedule of ``num_epochs``.
 
     >>> method = create_strategy("mixtrain", len(train_set), model.grid, 30, "cuda")  # doctest: +SKIP
