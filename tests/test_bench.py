@@ -254,3 +254,25 @@ def test_a_bench_whose_first_method_is_a_variant_runs(tmp_path):
     assert {r["key"] for r in results["runs"]} == {"mixtrain(quad_confidence=0)-e1-s0", "baseline-e1-s0"}
     variant = next(r for r in results["runs"] if r["method"] != "baseline")
     assert variant["base_method"] == "mixtrain" and variant["options"]["quad_confidence"] == 0.0
+
+
+def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path):
+    # its setup lacks today's ddp_bucket_mb and names lr_warmup and first_unmixed_epochs by their old names
+    data = _tiny_npz(tmp_path / "data")
+    out = tmp_path / "bench"
+    p = _bench(data, out, "--seeds", "1", "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    setup = results["setup"]
+    del setup["ddp_bucket_mb"]
+    setup["warmup"] = setup.pop("lr_warmup")
+    setup["mix"]["warmup_epochs"] = setup["mix"].pop("first_unmixed_epochs")
+    path.write_text(json.dumps(results))
+    p = _bench(data, out, "--seeds", "2", "--epochs", "1", "--resume")
+    assert p.returncode == 0, p.stderr
+    assert {r["key"] for r in json.loads(path.read_text())["runs"]} == {
+        f"{m}-e1-s{s}" for m in ("baseline", "mixtrain") for s in (0, 1)}
+    # a real difference is still refused, by name
+    p = _bench(data, out, "--seeds", "2", "--epochs", "1", "--resume", "--lr", "0.07")
+    assert p.returncode != 0 and "lr: 0.05 then, 0.07 now" in p.stderr

@@ -511,6 +511,19 @@ def setup_of(cfg) -> dict:
     return d
 
 
+def _setup_as_now(saved: dict) -> dict:
+    """A bench setup saved by an earlier version, in today's terms: renamed options under their new
+    names, options added since at their defaults (what those runs did), options since removed left out."""
+    from .options import TrainConfig
+
+    try:
+        now = setup_of(TrainConfig.from_dict({k: v for k, v in saved.items() if k != "resolved_model"}))
+    except (TypeError, ValueError):  # a malformed setup: compare it as it is (every difference named)
+        return saved
+    now["resolved_model"] = saved.get("resolved_model", now["resolved_model"])
+    return now
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
@@ -580,7 +593,7 @@ def _open_results(out: str, setup: dict, dev: dict, vers: dict, resume: bool) ->
 
 def _check_continuable(results: dict, out: str, setup: dict, dev: dict, vers: dict):
     """New runs join old ones only when their timings compare: the same setup, device and torch."""
-    diffs = _diff(results.get("setup", {}), setup)
+    diffs = _diff(_setup_as_now(results.get("setup", {})), setup)
     if diffs:
         raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs))
     then = results["sessions"][0]
