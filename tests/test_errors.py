@@ -254,6 +254,9 @@ def npz(tmp_path_factory):
         (["--nesterov", "on", "--momentum", "0"], "--nesterov on needs --momentum > 0; give --nesterov off for plain SGD"),
         (["--device", "cuda:abc"], "--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got 'cuda:abc'"),
         (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got 'gpu0'"),
+        (["--device", "cpu", "--cuda-graph", "on"], "--cuda-graph on needs CUDA and no --compile"),
+        (["--ddp-bucket-mb", "0"], "--ddp-bucket-mb must be a finite number of MB > 0, got 0.0"),
+        (["--ddp-bucket-mb", "nan"], "--ddp-bucket-mb must be a finite number of MB > 0, got nan"),
     ],
 )
 def test_bad_options(args, needle, npz, tmp_path, capsys):
