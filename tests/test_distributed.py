@@ -362,3 +362,42 @@ def test_a_device_scalar_loss_weight_steps_exactly_as_its_float(tmp_path):
         params_after_one_step(1.0)
     assert all(torch.equal(a, b) for a, b in zip(as_float, as_tensor))
     assert not all(torch.equal(a, b) for a, b in zip(as_float, unweighted))
+
+
+def test_a_ddp_capture_runs_on_ddps_stream_and_fails_loudly(tmp_path, monkeypatch):
+    """Under DDP the eager steps and the capture run on the stream DDP was built on (its gradient
+    accumulators belong to it), and a failed capture is an error, not one rank falling back alone."""
+    from contextlib import nullcontext
+
+    from mixtrain import EpochBatches, MixtrainError, Trainer, TrainConfig
+    from mixtrain.graphs import GraphedStep
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    used = {}
+    ddp_stream = Stream()
+
+    def graph(g, stream=None):
+        used["capture"] = stream
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def stream_context(s):
+        used.setdefault("eager", s)
+        return nullcontext()
+
+    for name, value in (("Stream", lambda *a: Stream()), ("current_stream", lambda *a: Stream()),
+                        ("stream", stream_context), ("synchronize", lambda *a: None), ("CUDAGraph", lambda: None),
+                        ("graph", graph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    cfg = TrainConfig(data="digits", model="digitnet", device="cpu", batch_size=16, progress="none",
+                      save_checkpoints=False, out=str(tmp_path / "run"))
+    tr = Trainer(cfg)
+    batch = EpochBatches(tr.strategy.plan_epoch(0, np.random.default_rng(0)), 16, tr.grid, tr.device,
+                         torch.Generator().manual_seed(0), image_size=tr.image_hw, augment=tr.augment).batch(0)
+    g = GraphedStep(lambda b: tr.step(b, b.compose(tr.data.train_x, tr.normalize)), tr.optimizer, tr.model,
+                    tr.strategy.step_state(), eager_steps=1, fallback=False, stream=ddp_stream)
+    with pytest.raises(MixtrainError, match="failed under DDP.*--cuda-graph off"):
+        g.capture(batch, 0.05)
+    assert used["eager"] is ddp_stream and used["capture"] is ddp_stream

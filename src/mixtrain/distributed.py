@@ -53,6 +53,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device | None = None
+    capture_stream: object = None  # the CUDA stream DDP was built on for a captured step (wrap sets it)
 
     @property
     def is_main(self) -> bool:
@@ -75,6 +76,7 @@ class DistInfo:
         with torch.cuda.stream(side):
             wrapped = DDP(model, **kwargs)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        self.capture_stream = side  # the capture must run on it too (GraphedStep's stream)
         return wrapped
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:

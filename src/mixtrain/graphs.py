@@ -33,7 +33,7 @@ class GraphedStep:
     """
 
     def __init__(self, eager_step, optimizer: torch.optim.Optimizer, model: torch.nn.Module, state=(),
-                 extra: tuple[torch.Tensor, ...] = (), eager_steps: int = 3, fallback: bool = True):
+                 extra: tuple[torch.Tensor, ...] = (), eager_steps: int = 3, fallback: bool = True, stream=None):
         self.eager_step = eager_step
         # static inputs besides the batch (streamed images and their slot positions): each step's
         # values are copied into their leading rows before the replay; eager_step(batch, *extra)
@@ -47,6 +47,10 @@ class GraphedStep:
         # False under DDP: the ranks capture together, and one rank training eagerly while the others
         # replay would pair its all-reduces with nothing; a failed capture is then an error
         self.fallback = fallback
+        # the stream for the eager steps and the capture (None: a new side stream, and the graph's
+        # own). Under DDP the stream DDP was built on: its gradient accumulators belong to that
+        # stream, and a capture on another one can fail
+        self.stream = stream
         self.graph = None
         self.static: Batch | None = None
         self.loss = None
@@ -113,7 +117,7 @@ class GraphedStep:
         self._load_extra(extra)
         self._set_lr(lr)
         snap = self._snapshot()
-        side = torch.cuda.Stream()
+        side = self.stream if self.stream is not None else torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side), warnings.catch_warnings():
@@ -126,7 +130,7 @@ class GraphedStep:
             torch.cuda.synchronize()
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, **({} if self.stream is None else {"stream": self.stream})):
                 self.loss = self.eager_step(self.static, *self.extra)
             self.graph = graph
             return True

@@ -467,7 +467,8 @@ class Trainer:
 
         several = self.dist.world > 1  # all ranks capture at the same step; a rank alone cannot fall back
         g = GraphedStep(step, self.optimizer, self.model, self.strategy.step_state(), extra,
-                        eager_steps=D.DDP_EAGER_STEPS if several else 3, fallback=not several)
+                        eager_steps=D.DDP_EAGER_STEPS if several else 3, fallback=not several,
+                        stream=self.dist.capture_stream)
         before = None if self.grad_stats is None else self.grad_stats.clone()
         if g.capture(batch, lr, () if src is None else (images, src)):
             self.graphed = g
