@@ -181,7 +181,7 @@ class Mixer:
     image size (or give ``grid`` and ``image_size``); ``num_samples``: ``len(dataset)``;
     ``epochs``: the schedule's length (the last epochs train unmixed); ``batch_size``: images
     (passes) per step and process. ``method``: ``mixtrain`` (default), ``baseline``, ``cutmix``,
-    ``mixup`` or ``infobatch``, with ``opts`` (:class:`~mixtrain.MixOptions`). ``seed`` fixes the
+    ``mixup``, ``infobatch`` or ``mixprune``, with ``opts`` (:class:`~mixtrain.MixOptions`). ``seed`` fixes the
     plans and region offsets (the same on every process). ``rank``/``world``: this process under
     DDP (default: from ``torch.distributed`` when it is initialised). ``device``: where the loss
     memory lives (default: the model's device; it follows the logits). ``label_smoothing`` applies
