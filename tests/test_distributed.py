@@ -342,19 +342,24 @@ def test_ddp_options_for_a_captured_step_are_what_ddp_takes(tmp_path):
         dist.destroy_process_group()
 
 
+def _digits_trainer_and_first_batch(out):
+    """A CPU trainer on digits (batch 16) and the first batch of its first epoch's plan."""
+    from mixtrain import EpochBatches, Trainer, TrainConfig
+
+    cfg = TrainConfig(data="digits", model="digitnet", device="cpu", batch_size=16, lr=0.1, progress="none",
+                      save_checkpoints=False, out=str(out))
+    tr = Trainer(cfg)
+    batch = EpochBatches(tr.strategy.plan_epoch(0, np.random.default_rng(0)), 16, tr.grid, tr.device,
+                         torch.Generator().manual_seed(0), image_size=tr.image_hw, augment=tr.augment).batch(0)
+    return tr, batch
+
+
 def test_a_device_scalar_loss_weight_steps_exactly_as_its_float(tmp_path):
     """Under a captured DDP step each rank's loss weight is a device scalar set before the replay:
     a step with it must equal the step with the same weight as a float (and no host comparison)."""
-    from mixtrain import EpochBatches, Trainer, TrainConfig
-
     def params_after_one_step(scale):
         torch.manual_seed(0)
-        cfg = TrainConfig(data="digits", model="digitnet", device="cpu", batch_size=16, lr=0.1, progress="none",
-                          save_checkpoints=False, out=str(tmp_path / "run"))
-        tr = Trainer(cfg)
-        plan = tr.strategy.plan_epoch(0, np.random.default_rng(0))
-        batch = EpochBatches(plan, 16, tr.grid, tr.device, torch.Generator().manual_seed(0), image_size=tr.image_hw,
-                             augment=tr.augment).batch(0)
+        tr, batch = _digits_trainer_and_first_batch(tmp_path / "run")
         tr.step(batch, batch.compose(tr.data.train_x, tr.normalize), scale)
         return [p.detach().clone() for p in tr.model.parameters()]
 
@@ -369,7 +374,7 @@ def test_a_ddp_capture_runs_on_ddps_stream_and_fails_loudly(tmp_path, monkeypatc
     accumulators belong to it), and a failed capture is an error, not one rank falling back alone."""
     from contextlib import nullcontext
 
-    from mixtrain import EpochBatches, MixtrainError, Trainer, TrainConfig
+    from mixtrain import MixtrainError
     from mixtrain.graphs import GraphedStep
 
     class Stream:
@@ -391,11 +396,7 @@ def test_a_ddp_capture_runs_on_ddps_stream_and_fails_loudly(tmp_path, monkeypatc
                         ("stream", stream_context), ("synchronize", lambda *a: None), ("CUDAGraph", lambda: None),
                         ("graph", graph)):
         monkeypatch.setattr(torch.cuda, name, value)
-    cfg = TrainConfig(data="digits", model="digitnet", device="cpu", batch_size=16, progress="none",
-                      save_checkpoints=False, out=str(tmp_path / "run"))
-    tr = Trainer(cfg)
-    batch = EpochBatches(tr.strategy.plan_epoch(0, np.random.default_rng(0)), 16, tr.grid, tr.device,
-                         torch.Generator().manual_seed(0), image_size=tr.image_hw, augment=tr.augment).batch(0)
+    tr, batch = _digits_trainer_and_first_batch(tmp_path / "run")
     g = GraphedStep(lambda b: tr.step(b, b.compose(tr.data.train_x, tr.normalize)), tr.optimizer, tr.model,
                     tr.strategy.step_state(), eager_steps=1, fallback=False, stream=ddp_stream)
     with pytest.raises(MixtrainError, match="failed under DDP.*--cuda-graph off"):

@@ -19,11 +19,10 @@ timed on its own (the published script's total counts both).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -66,9 +65,7 @@ class FastConfig:
 def recipe_mix_options(**overrides) -> MixOptions:
     """MixTrain's options for the short schedule: the first and the last epoch unmixed, pairs only
     (a 3x3 feature grid has no equal quadrants). ``overrides`` by field name."""
-    names = {f.name for f in fields(MixOptions)}
-    first = "first_unmixed_epochs" if "first_unmixed_epochs" in names else "warmup_epochs"
-    opts = {first: 1, "final_unmixed_epochs": 1, "quad_confidence": 0.0}
+    opts = {"first_unmixed_epochs": 1, "final_unmixed_epochs": 1, "quad_confidence": 0.0}
     opts.update(overrides)
     return MixOptions(**opts)
 

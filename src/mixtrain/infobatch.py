@@ -69,9 +69,6 @@ class InfoBatch(Strategy):
         plan.weight[:, 0] = weight[order]
         return plan
 
-    def epoch_stats(self, plan: P.EpochPlan) -> dict:
-        return {"pruned_fraction": 1.0 - plan.samples / self.num_samples}
-
     def observe(self, index, valid, loss, correct):
         self.memory.update(index, valid, loss, correct)
 

@@ -60,6 +60,3 @@ class MixPrune(MixTrain):
         if len(kept) and o.prune_ratio > 0:  # InfoBatch's rescaling of the kept easy samples
             plan.weight[np.isin(plan.index, kept) & plan.valid] = 1.0 / (1.0 - o.prune_ratio)
         return plan
-
-    def epoch_stats(self, plan: EpochPlan) -> dict:
-        return {"pruned_fraction": 1.0 - plan.samples / self.num_samples}

@@ -68,8 +68,9 @@ class Strategy:
         return loss_per == "passes"
 
     def epoch_stats(self, plan: P.EpochPlan) -> dict:
-        """Numbers this method adds to an epoch's log row (the trainer logs every method's alike)."""
-        return {}
+        """Numbers this method adds to an epoch's log row (the trainer logs every method's alike):
+        for a method whose plans leave samples out (``prunes``), the fraction left out."""
+        return {"pruned_fraction": 1.0 - plan.samples / self.num_samples} if self.prunes else {}
 
     def step_state(self) -> list:
         """Device tensors the step updates besides the model and optimizer (the loss memory), so

@@ -198,7 +198,7 @@ class Trainer:
         self.use_graph = graphable and (cfg.cuda_graph == "on" or (cfg.cuda_graph == "auto" and self.dist.world == 1))
         # under DDP each step weighs this rank's mean loss by its share of the global batch: a
         # device scalar, so that a captured step reads each step's weight (set before the replay)
-        self.loss_weight = torch.ones((), device=self.device) if self.dist.world > 1 else None
+        self.loss_weight = torch.ones((), device=self.device) if self.dist.world > 1 and self.use_graph else None
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"  # one kernel per step instead of several
         if cfg.optimizer == "adamw":  # the usual choice for ViTs
@@ -430,13 +430,11 @@ class Trainer:
         """One training step on ``batch``, its images read from ``images`` (by ``src``, or by sample
         id): replayed as a CUDA graph where possible (captured at the first call), else eagerly.
         ``scale`` weighs this rank's mean loss under DDP. Returns the loss (on the device)."""
+        if self.loss_weight is not None:  # read by the captured step: a kernel launch, no host synchronisation
+            self.loss_weight.fill_(scale)
         if self.graphed is None and self.use_graph:
-            if self.loss_weight is not None:
-                self.loss_weight.fill_(scale)
             self.capture_graph(batch, lr, images, src)
         if self.graphed is not None:
-            if self.loss_weight is not None:
-                self.loss_weight.fill_(scale)  # a kernel launch, no host synchronisation
             return self.graphed.step(batch, lr, () if src is None else (images, src))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
