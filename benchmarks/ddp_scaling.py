@@ -1,6 +1,6 @@
 """Baseline vs MixTrain on one GPU and on several (torchrun, DDP over NCCL), at the same global batch.
 
-Hardware: written for ``nvidia-h100-x2`` (two NVIDIA H100 80GB of one host, 32 CPU cores), CUDA,
+Hardware: written for ``nvidia-h200-x2`` (two NVIDIA H200 of one host, 32 CPU cores), CUDA,
 bf16 autocast and channels-last (the trainer's CUDA defaults). NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are forced in every
 child's environment). Versions: each run's ``metrics.json`` records mixtrain, Python, torch,
@@ -15,11 +15,19 @@ autotuning, CUDA-graph capture on one GPU and NCCL's first collectives). Not tim
 loading the data, evaluation, file writes. The global batch is the same everywhere:
 ``--batch-size`` per process = global batch / processes, so the LR schedule and every step's
 samples match the one-GPU run. One GPU uses the CUDA-graph step (the trainer's default there);
-DDP runs eagerly; the variant ``1-eager`` adds a one-GPU run without the graph, to separate the two.
+DDP runs eagerly unless ``--extra "--cuda-graph on"`` captures its step too; the variant ``1-eager``
+adds a one-GPU run without the graph, to separate the two.
+
+ImageNet-style data without a download: ``--generate-images N`` writes a folder of N generated
+JPEGs (224-500 px sides, ``--generate-classes`` classes, like ``folder_throughput.py``) under
+``--work`` unless it is already there, prepares its cache at ``--image-size`` (``mixtrain
+prepare``, all cores; not timed) and trains from ``folder:WORK/folder``.
 
 Usage (CIFAR-10 as ``train_*.npz`` + ``test.npz``):
 
     python benchmarks/ddp_scaling.py --data npz:/data/cifar10 --epochs 30 --seeds 0,1 --variants 1,2 --out results/ddp
+    python benchmarks/ddp_scaling.py --generate-images 30000 --work /root/gen --image-size 224 --model resnet50_224 \
+        --batch 512 --epochs 6 --seeds 0 --variants 1,2 --extra "--cuda-graph on" --out results/ddp-r50-224
     python benchmarks/ddp_scaling.py --smoke --out /tmp/ddp-smoke     # CPU, gloo, digits, seconds
 
 Writes ``OUT/ddp_scaling.json`` (every run) and ``OUT/ddp_scaling.md`` (the table), rewritten after
@@ -58,6 +66,10 @@ def parse_args(argv=None):
                    help="comma-separated: N = N processes (1 = plain one-GPU run), 1-eager = one GPU without the CUDA graph")
     p.add_argument("--out", default="results/ddp-scaling")
     p.add_argument("--extra", default="", help="more mixtrain train options, passed to every run (one string)")
+    p.add_argument("--generate-images", type=int, default=0, help="generate an ImageNet-style folder of this many training JPEGs under --work and train from it")
+    p.add_argument("--generate-classes", type=int, default=100)
+    p.add_argument("--work", default="/tmp/ddp-scaling-work", help="where the generated folder and its caches live")
+    p.add_argument("--image-size", type=int, default=224, help="training resolution = cache size, for generated folders")
     p.add_argument("--smoke", action="store_true", help="tiny CPU check: digits, gloo, 2 epochs, batch 64")
     return p.parse_args(argv)
 
@@ -82,13 +94,37 @@ def run_command(args, variant: str, method: str, seed: int, out: str) -> list[st
         raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
     train = ["-m", "mixtrain", "train", "--data", args.data, "--model", args.model, "--method", method,
              "--epochs", str(args.epochs), "--seed", str(seed), "--batch-size", str(args.batch // procs),
-             "--out", out, "--progress", "none", "--save-checkpoints", "off", *shlex.split(args.extra)]
+             "--out", out, "--progress", "none", "--save-checkpoints", "off", *folder_options(args), *shlex.split(args.extra)]
     if eager:
         train += ["--cuda-graph", "off"]
     if procs == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(procs),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *train]
+
+
+def folder_options(args) -> list[str]:
+    if not args.generate_images:
+        return []
+    size = str(args.image_size)
+    return ["--image-size", size, "--cache-size", size, "--cache-dir", os.path.join(args.work, "cache")]
+
+
+def generated_folder(args) -> dict:
+    """Write the folder unless it exists, then prepare its cache at --image-size; returns what was done."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from folder_throughput import generate_folder
+
+    root = os.path.join(args.work, "folder")
+    info = {"folder": root}
+    if not os.path.isdir(os.path.join(root, "train")):
+        info["generated"] = generate_folder(root, args.generate_images, args.generate_classes, 224, 500)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mixtrain", "prepare", f"folder:{root}", "--size", str(args.image_size),
+                    "--cache-dir", os.path.join(args.work, "cache")], env=child_env(), check=True)
+    info["prepare_seconds"] = time.perf_counter() - t0
+    args.data = f"folder:{root}"
+    return info
 
 
 def child_env() -> dict:
@@ -155,7 +191,7 @@ def fmt(x, spec):
 
 def markdown(rows: list[dict], runs: list[dict], session: dict) -> str:
     lines = [
-        f"# Baseline vs MixTrain on 1 and N GPUs ({session['data']}, {session['model']}, {session['epochs']} epochs, global batch {session['batch']})",
+        f"# Baseline vs MixTrain on 1 and N GPUs ({session['data']}{', ' + str(session['image_size']) + ' px' if 'image_size' in session else ''}, {session['model']}, {session['epochs']} epochs, global batch {session['batch']})",
         "",
         "Train s: the trainer's device-synchronised wall-clock of all epochs; steady s: the same without epoch 1 "
         "(autotuning, graph capture, first collectives). Speedup: the same variant's baseline seconds / these. "
@@ -194,8 +230,9 @@ def main(argv=None) -> int:
     if args.smoke:
         args.data, args.model, args.epochs, args.batch = "digits", "digitnet", 2, 64
         args.extra = (args.extra + " --device cpu --lr 0.05").strip()
+    folder = generated_folder(args) if args.generate_images else None
     if not args.data:
-        raise SystemExit("error: --data is required (or --smoke)")
+        raise SystemExit("error: --data is required (or --generate-images, or --smoke)")
     methods = [m for m in args.methods.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -204,6 +241,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     session = {"data": args.data, "model": args.model, "epochs": args.epochs, "batch": args.batch,
                "command": " ".join(["python3", "benchmarks/ddp_scaling.py", *(argv if argv is not None else sys.argv[1:])])}
+    if folder:
+        session.update(folder=folder, image_size=args.image_size)
     runs = []
     for seed in seeds:  # interleaved, so drift hits every variant and method alike
         for method in methods:
