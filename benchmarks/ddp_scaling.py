@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,12 +73,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_variant(v: str) -> tuple[int, bool]:
     """'2' -> (2 processes, default graph setting); '1-eager' -> (1, graph off)."""
     procs, _, tag = v.partition("-")
@@ -99,8 +92,7 @@ def run_command(args, variant: str, method: str, seed: int, out: str) -> list[st
         train += ["--cuda-graph", "off"]
     if procs == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(procs),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *train]
 
 
 def folder_options(args) -> list[str]:

@@ -132,8 +132,8 @@ def torchrun(args: list[str], tmp_path, record_dir=None, timeout=240) -> subproc
     env["OMP_NUM_THREADS"] = "1"
     if record_dir:
         env[RECORD_ENV] = str(record_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    # --standalone: torchrun binds a free port itself (a port picked here could be taken before it binds)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r

@@ -44,6 +44,29 @@ def test_memory_state_dict_round_trip():
         LossMemory(6).load_state_dict(state)
 
 
+def test_memory_merge_keeps_its_tensors_in_place(monkeypatch):
+    """The merge across ranks writes into the same tensors: a captured CUDA-graph step keeps the
+    addresses it was captured with, so a merge that rebound them would freeze the memory the plan
+    reads (found on 2x H200: every epoch planned from epoch 1's losses)."""
+    import torch.distributed as dist
+
+    mem = LossMemory(4)
+    mem.update(torch.tensor([0, 1]), torch.tensor([True, True]), torch.tensor([0.5, 2.0]), torch.tensor([True, False]))
+    other_rank = torch.tensor([[0.0, 0.0, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+
+    def fake_all_reduce(payload, group=None):  # the other rank wrote sample 2 only
+        payload += other_rank
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    ptrs = [t.data_ptr() for t in (mem.loss, mem.correct, mem.touched)]
+    mem.all_reduce()
+    assert [t.data_ptr() for t in (mem.loss, mem.correct, mem.touched)] == ptrs
+    assert torch.allclose(mem.loss[:3], torch.tensor([0.5, 2.0, 0.7])) and mem.loss[3].isnan()
+    assert mem.correct[:4].tolist() == [True, False, True, False] and not mem.touched.any()
+
+
 def test_strategy_state_round_trip_gives_the_same_plan():
     n, grid = 30, (4, 4)
     s = MixTrain(n, grid, 4, opts=MixOptions(first_unmixed_epochs=0))

@@ -48,8 +48,9 @@ class LossMemory:
         payload = torch.stack([torch.where(t, self.loss, 0.0), (t & self.correct).float(), t.float()])
         dist.all_reduce(payload, group=group)
         hit = payload[2] > 0
-        self.loss = torch.where(hit, payload[0], self.loss)
-        self.correct = torch.where(hit, payload[1] > 0, self.correct)
+        # in place: a captured CUDA-graph step keeps writing to these very tensors
+        self.loss.copy_(torch.where(hit, payload[0], self.loss))
+        self.correct.copy_(torch.where(hit, payload[1] > 0, self.correct))
         # the scratch slot holds whatever each rank's empty slots last wrote: the same on every rank
         self.loss[-1], self.correct[-1] = 0.0, False
         self.touched.zero_()
