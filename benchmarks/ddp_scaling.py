@@ -19,7 +19,8 @@ DDP runs eagerly unless ``--extra "--cuda-graph on"`` captures its step too; the
 adds a one-GPU run without the graph, to separate the two.
 
 ImageNet-style data without a download: ``--generate-images N`` writes a folder of N generated
-JPEGs (224-500 px sides, ``--generate-classes`` classes, like ``folder_throughput.py``) under
+JPEGs (224-500 px sides, ``--generate-classes`` classes, each class its own coarse pattern under
+random content, so training learns and mixing has easy samples; ``folder_throughput.py``) under
 ``--work`` unless it is already there, prepares its cache at ``--image-size`` (``mixtrain
 prepare``, all cores; not timed) and trains from ``folder:WORK/folder``.
 
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="more mixtrain train options, passed to every run (one string)")
     p.add_argument("--generate-images", type=int, default=0, help="generate an ImageNet-style folder of this many training JPEGs under --work and train from it")
     p.add_argument("--generate-classes", type=int, default=100)
+    p.add_argument("--random-content", action="store_true",
+                   help="generated images carry no class information (session 7's form: nothing is learnt, so mixtrain never mixes)")
     p.add_argument("--work", default="/tmp/ddp-scaling-work", help="where the generated folder and its caches live")
     p.add_argument("--image-size", type=int, default=224, help="training resolution = cache size, for generated folders")
     p.add_argument("--smoke", action="store_true", help="tiny CPU check: digits, gloo, 2 epochs, batch 64")
@@ -110,7 +113,8 @@ def generated_folder(args) -> dict:
     root = os.path.join(args.work, "folder")
     info = {"folder": root}
     if not os.path.isdir(os.path.join(root, "train")):
-        info["generated"] = generate_folder(root, args.generate_images, args.generate_classes, 224, 500)
+        info["generated"] = generate_folder(root, args.generate_images, args.generate_classes, 224, 500,
+                                            learnable=not args.random_content)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mixtrain", "prepare", f"folder:{root}", "--size", str(args.image_size),
                     "--cache-dir", os.path.join(args.work, "cache")], env=child_env(), check=True)

@@ -73,11 +73,15 @@ def parse_args(argv=None):
 def _write_images(job):
     from PIL import Image
 
-    root, items, seed = job
+    root, items, seed, learnable = job
     rng = np.random.default_rng(seed)
     texture = rng.normal(0.0, 10.0, (520, 520, 3)).astype(np.float32)
     for path, (h, w) in items:
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        if learnable:  # the class's own coarse pattern under per-image noise: a network can learn it
+            label = int(os.path.basename(os.path.dirname(path))[1:])
+            template = np.random.default_rng(10_000 + label).integers(0, 256, (6, 8, 3))
+            coarse = np.clip(0.6 * template + 0.4 * coarse, 0, 255).astype(np.uint8)
         img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)
         y, x = rng.integers(0, 520 - h + 1), rng.integers(0, 520 - w + 1)
         img += texture[y : y + h, x : x + w]
@@ -85,7 +89,10 @@ def _write_images(job):
     return len(items)
 
 
-def generate_folder(root: str, images: int, classes: int, lo: int, hi: int) -> dict:
+def generate_folder(root: str, images: int, classes: int, lo: int, hi: int, learnable: bool = False) -> dict:
+    """Write train/ and val/ JPEGs (sides lo-hi px). ``learnable``: each class has its own coarse
+    pattern (60 %) under random content (40 %), so that training learns and mixing has easy samples
+    to mix; otherwise the content is random and a class label carries no information."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     items = []
@@ -95,7 +102,7 @@ def generate_folder(root: str, images: int, classes: int, lo: int, hi: int) -> d
         sides = rng.integers(lo, hi + 1, (n, 2))
         items += [(os.path.join(split, f"n{i % classes:05d}", f"{i:07d}.JPEG"), tuple(sides[i])) for i in range(n)]
     procs = max(1, min(os.cpu_count() or 1, len(items) // 100))
-    jobs = [(root, items[i::procs], i) for i in range(procs)]
+    jobs = [(root, items[i::procs], i, learnable) for i in range(procs)]
     if procs > 1:
         with ProcessPoolExecutor(procs) as pool:
             list(pool.map(_write_images, jobs))
@@ -103,7 +110,7 @@ def generate_folder(root: str, images: int, classes: int, lo: int, hi: int) -> d
         _write_images(jobs[0])
     size = sum(os.path.getsize(os.path.join(root, p)) for p, _ in items)
     return {"train_images": images, "val_images": len(items) - images, "classes": classes, "sides": [lo, hi],
-            "seconds": time.perf_counter() - t0, "jpeg_gb": size / 1e9, "processes": procs}
+            "learnable": learnable, "seconds": time.perf_counter() - t0, "jpeg_gb": size / 1e9, "processes": procs}
 
 
 def bare_step(model_name: str, size: int, batch: int, classes: int, device) -> float:

@@ -120,6 +120,50 @@ def test_ddp_scaling_smoke(tmp_path):
     assert "| 2 | mixtrain | off | 0 |" in table and "benchmarks/ddp_scaling.py --smoke" in table
 
 
+def _nearest_centroid_accuracy(root, classes):
+    """Leave-one-out nearest class mean on 6x8 thumbnails of the generated training images."""
+    import numpy as np
+    from PIL import Image
+
+    xs, ys = [], []
+    for c in range(classes):
+        d = os.path.join(root, "train", f"n{c:05d}")
+        for name in sorted(os.listdir(d)):
+            xs.append(np.asarray(Image.open(os.path.join(d, name)).convert("RGB").resize((8, 6)), dtype=np.float32).ravel())
+            ys.append(c)
+    x, y = np.stack(xs), np.array(ys)
+    hits = 0
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        means = np.stack([x[keep & (y == c)].mean(0) for c in range(classes)])
+        hits += int(np.argmin(((means - x[i]) ** 2).sum(1)) == y[i])
+    return hits / len(y)
+
+
+def test_generated_folders_carry_their_class_only_when_learnable(tmp_path):
+    """ddp_scaling's generated folder must be learnable (else mixtrain never mixes and its speedup
+    cannot show); the random form carries no class information."""
+    gen = load_script("folder_throughput").generate_folder
+    info = gen(str(tmp_path / "l"), 60, 4, 40, 60, learnable=True)
+    assert info["learnable"] and info["train_images"] == 60
+    assert _nearest_centroid_accuracy(str(tmp_path / "l"), 4) >= 0.9
+    gen(str(tmp_path / "r"), 60, 4, 40, 60)
+    assert _nearest_centroid_accuracy(str(tmp_path / "r"), 4) <= 0.6
+
+
+def test_ddp_scaling_trains_from_a_generated_folder(tmp_path):
+    bench = load_script("ddp_scaling")
+    assert bench.main(["--generate-images", "96", "--generate-classes", "4", "--work", str(tmp_path / "w"),
+                       "--image-size", "32", "--model", "digitnet", "--batch", "16", "--epochs", "2", "--seeds", "0",
+                       "--variants", "1", "--methods", "mixtrain", "--extra", "--device cpu --lr 0.05",
+                       "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "ddp_scaling.json").read_text())
+    assert result["session"]["data"] == f"folder:{tmp_path / 'w' / 'folder'}" and result["session"]["image_size"] == 32
+    assert result["session"]["folder"]["generated"]["learnable"]
+    (run,) = result["runs"]
+    assert run["samples"] == 2 * 96 and "--cache-size 32" in run["command"]
+
+
 def test_ddp_scaling_rejects_a_batch_that_does_not_split(tmp_path):
     bench = load_script("ddp_scaling")
     with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
