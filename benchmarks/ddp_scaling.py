@@ -15,8 +15,8 @@ autotuning, CUDA-graph capture on one GPU and NCCL's first collectives). Not tim
 loading the data, evaluation, file writes. The global batch is the same everywhere:
 ``--batch-size`` per process = global batch / processes, so the LR schedule and every step's
 samples match the one-GPU run. One GPU uses the CUDA-graph step (the trainer's default there);
-DDP runs eagerly unless ``--extra "--cuda-graph on"`` captures its step too; the variant ``1-eager``
-adds a one-GPU run without the graph, to separate the two.
+DDP's step is captured too (the default since session 7; ``--extra "--cuda-graph off"`` for eager
+DDP); the variant ``1-eager`` adds a one-GPU run without the graph.
 
 ImageNet-style data without a download: ``--generate-images N`` writes a folder of N generated
 JPEGs (224-500 px sides, ``--generate-classes`` classes, each class its own coarse pattern under

@@ -227,8 +227,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model", group=OPTIMISATION, switch=True, resumable=True,
                            speed=True)
     cuda_graph: str = option(
-        "auto", "capture the whole training step as a CUDA graph: auto (on for one CUDA process without --compile), "
-        "on (also under DDP: the gradient all-reduce is captured too; not yet measured on several GPUs), off",
+        "auto", "capture the whole training step as a CUDA graph (under DDP with its gradient all-reduce): auto (on "
+        "for CUDA without --compile), on (an error where it cannot be), off",
         group=OPTIMISATION, choices=("auto", "on", "off"), resumable=True, speed=True)
     ddp_bucket_mb: float = option(
         25.0, "several processes: DDP's all-reduce bucket size in MB (PyTorch's default: 25)", group=OPTIMISATION,
