@@ -261,3 +261,35 @@ def test_fast_recipe_smoke(tmp_path):
     assert (out / "frontier.png").exists() and not (out / "reference_work").exists()
     report = (out / "report.md").read_text()
     assert "Published script" in report and "| baseline | 3 | 1 |" in report and "Time to 94 %" in report
+
+
+def test_interference_probe_sees_none_through_attention_separation(tmp_path):
+    """The probe's anchor: a ViT separated by attention has exactly no interference; the same ViT
+    pooling only, and a CNN, have some; the table and the JSON say so."""
+    probe = load_script("interference_probe")
+    assert probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "interference_probe.json").read_text())["rows"]}
+    assert rows["vit_tiny"]["separates_attention"] and not rows["vit_tiny[pooling]"]["separates_attention"]
+    for kind in ("pair", "quad"):
+        assert rows["vit_tiny"][kind]["leak_median"] < 1e-4 and rows["vit_tiny"][kind]["agree"] == 1.0
+        assert rows["vit_tiny[pooling]"][kind]["leak_median"] > 0.01
+        assert rows["resnet18"][kind]["leak_median"] > 0.01
+    assert "| vit_tiny | 8x8 |" in (tmp_path / "interference_probe.md").read_text()
+
+
+def test_interference_probe_composites_change_only_the_partner():
+    """A pair is A's centre crop left and B's right; a quad is four 2x-downscaled images; each
+    region's pooling weights sum to one."""
+    import torch
+
+    probe = load_script("interference_probe")
+    a, b = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
+    a[..., 2:6] = 5.0  # A's centre columns
+    pair = probe.pair_composite(a, b)
+    assert torch.equal(pair[..., :4], a[..., 2:6]) and torch.equal(pair[..., 4:], b[..., 2:6])
+    quad = probe.quad_composite([torch.full((1, 3, 8, 8), float(v)) for v in range(4)])
+    assert [float(quad[0, 0, y, x]) for y, x in ((0, 0), (0, 7), (7, 0), (7, 7))] == [0.0, 1.0, 2.0, 3.0]
+    for kind, k in (("pair", 2), ("quad", 4)):
+        m = probe.region_masks((4, 4), kind, 3, "cpu")
+        assert m.shape == (3, k, 4, 4) and torch.allclose(m.sum((-2, -1)), torch.ones(3, k))
+        assert torch.equal((m[0] > 0).sum(0), torch.ones(4, 4, dtype=torch.long))  # the regions tile the grid

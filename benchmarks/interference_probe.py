@@ -1,0 +1,249 @@
+"""How much does a constituent's prediction depend on its partners? Interference per architecture.
+
+Hardware: anything; written to run on the 2-core CPU development machine (CIFAR-10 at 32 px, a
+few hundred training steps per model) and on a GPU. Versions and device in
+``interference_probe.json``. This measures no time.
+
+Issue 16 asks why some models pay more accuracy for mixing than ResNet-18. One candidate is that
+their features cross region borders more: a constituent's pooled features then carry its
+partners. This probe measures that directly, per model:
+
+1. The model (built and adapted as training does) is trained briefly on plain images, so its
+   features are not those of a random network. AdamW at 1e-3, batch 64, random flip, ``--steps``
+   steps. Its BN statistics are then those of plain images, and it runs in eval mode.
+2. Composites are built by hand, so that only the partner changes between two composites. A
+   **pair** splits the image at the middle column, a grid boundary: each half shows the centre
+   crop of one image. A **quad** puts four images, each downscaled 2x, in the four quadrants. Each
+   constituent is pooled over its own region of the feature grid, as in training.
+3. For constituent A (left half; top-left quadrant):
+   * ``leak`` = median over samples of ||z(A | partners) - z(A | other partners)|| /
+     ||z(A | partners) - z(A' | partners)||. It is the change in A's logits when its partners are
+     replaced, relative to the change when A itself is replaced: 0 means no interference, 1 means
+     the partners matter as much as A does.
+   * ``agree`` is the share of A's predicted classes that stay the same when the partners are
+     replaced.
+   * ``acc_alone`` is the plain test accuracy of the briefly trained model. ``acc_mixed`` is the
+     accuracy of A's prediction in the composite. Both are on ``--samples`` test images.
+
+A ViT that separates constituents by attention has ``leak`` 0 by construction, which checks the
+probe. With ``--vit-separation pooling`` its tokens attend across regions.
+
+    python benchmarks/interference_probe.py --data npz:../shared/data/cifar10 --out R
+    python benchmarks/interference_probe.py --smoke --out /tmp/ip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+from mixtrain.data import load_data  # noqa: E402
+from mixtrain.models import adapt, create_model  # noqa: E402
+from mixtrain.trainer import resolve_device, versions  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="", help="CIFAR-shaped data spec (npz:DIR); required unless --smoke")
+    p.add_argument("--models", default="resnet18,resnet34,resnet50,mobilenetv2,vit_tiny,vit_tiny[pooling]",
+                   help="comma-separated; a ViT with [pooling] runs without attention separation")
+    p.add_argument("--steps", type=int, default=300, help="plain training steps before probing (batch 64)")
+    p.add_argument("--samples", type=int, default=256, help="test images probed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="results/interference-probe")
+    p.add_argument("--smoke", action="store_true", help="synthetic 32 px data, resnet18 and vit_tiny, 3 steps, 16 samples")
+    return p.parse_args(argv)
+
+
+def parse_model(spec: str) -> tuple[str, bool]:
+    """'vit_tiny[pooling]' -> ('vit_tiny', False); 'resnet18' -> ('resnet18', True)."""
+    name, _, tag = spec.partition("[")
+    if tag not in ("", "pooling]"):
+        raise SystemExit(f"error: --models {spec!r}: the only tag is [pooling]")
+    return name, tag == ""
+
+
+def center_crop_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    left = (x.shape[-1] - width) // 2
+    return x[..., left : left + width]
+
+
+def pair_composite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A's centre crop in the left half, B's in the right half."""
+    half = a.shape[-1] // 2
+    return torch.cat([center_crop_cols(a, half), center_crop_cols(b, a.shape[-1] - half)], dim=-1)
+
+
+def quad_composite(imgs: list[torch.Tensor]) -> torch.Tensor:
+    """Four images downscaled 2x into the quadrants: [top-left, top-right, bottom-left, bottom-right]."""
+    h, w = imgs[0].shape[-2:]
+    small = [F.interpolate(t, size=(h // 2, w // 2), mode="bilinear", antialias=True, align_corners=False) for t in imgs]
+    return torch.cat([torch.cat(small[:2], dim=-1), torch.cat(small[2:], dim=-1)], dim=-2)
+
+
+def region_masks(grid: tuple[int, int], kind: str, n: int, device) -> torch.Tensor:
+    """Pooling weights [n, K, gh, gw] of the pair's halves or the quad's quadrants (each sums to 1)."""
+    gh, gw = grid
+    ys, xs = torch.arange(gh, device=device)[:, None], torch.arange(gw, device=device)[None, :]
+    if kind == "pair":
+        regions = [(xs < gw // 2).expand(gh, gw), (xs >= gw // 2).expand(gh, gw)]
+    else:
+        top, left = ys < gh // 2, xs < gw // 2
+        regions = [top & left, top & ~left, ~top & left, ~top & ~left]
+    m = torch.stack([r.float() / r.float().sum() for r in regions])
+    return m.expand(n, *m.shape).contiguous()
+
+
+def train_briefly(model, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int):
+    """AdamW 1e-3, batch 64, random flip: just enough for features that are not a random network's."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        xb = x[idx.to(x.device)]
+        flip = (torch.rand(64, generator=g) < 0.5).to(x.device)
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        loss = F.cross_entropy(model(xb), y[idx.to(y.device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def logits_of_first(model, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), 64):
+        out.append(model(x[i : i + 64], masks[i : i + 64])[:, 0].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def probe(model, x: torch.Tensor, y: torch.Tensor, kind: str, seed: int) -> dict:
+    """leak, agreement and A's accuracy for ``kind`` composites of the n images ``x``."""
+    n = len(x)
+    g = torch.Generator().manual_seed(seed + 1)
+    perms = [torch.randperm(n, generator=g).to(x.device) for _ in range(7)]
+    a, a_other = x, x[perms[0]]
+    if kind == "pair":
+        partners, others = [x[perms[1]]], [x[perms[2]]]
+        build = lambda first, rest: pair_composite(first, rest[0])  # noqa: E731
+    else:
+        partners, others = [x[p] for p in perms[1:4]], [x[p] for p in perms[4:7]]
+        build = lambda first, rest: quad_composite([first, *rest])  # noqa: E731
+    masks = region_masks(model.grid, kind, n, x.device)
+    z = logits_of_first(model, build(a, partners), masks)
+    z_partners_changed = logits_of_first(model, build(a, others), masks)
+    z_self_changed = logits_of_first(model, build(a_other, partners), masks)
+    leak = (z - z_partners_changed).norm(dim=1) / (z - z_self_changed).norm(dim=1).clamp_min(1e-12)
+    return {
+        "leak_median": float(leak.median()),
+        "leak_mean": float(leak.mean()),
+        "agree": float((z.argmax(1) == z_partners_changed.argmax(1)).float().mean()),
+        "acc_mixed": float((z.argmax(1) == y).float().mean()),
+    }
+
+
+def probe_model(spec: str, train_x, train_y, test_x, test_y, args, device) -> dict:
+    name, separate = parse_model(spec)
+    torch.manual_seed(args.seed)
+    size = train_x.shape[-1]
+    model = adapt(create_model(name, 10, train_x.shape[1], size), size, train_x.shape[1], separate_attention=separate).to(device)
+    t0 = time.perf_counter()
+    train_briefly(model, train_x, train_y, args.steps, args.seed)
+    with torch.no_grad():
+        plain = torch.cat([model(test_x[i : i + 64]).float() for i in range(0, len(test_x), 64)])
+    row = {"model": spec, "grid": list(model.grid), "steps": args.steps, "train_seconds": time.perf_counter() - t0,
+           "acc_alone": float((plain.argmax(1) == test_y).float().mean()),
+           "separates_attention": bool(getattr(model, "separates_attention", False))}
+    for kind in ("pair", "quad"):
+        row[kind] = probe(model, test_x, test_y, kind, args.seed)
+    return row
+
+
+def load_images(args, device):
+    """(train x, train y, test x, test y): normalised float images on ``device``."""
+    if args.smoke:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(96, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (96,), generator=g)
+        return x[:64].to(device), y[:64].to(device), x[64:].to(device), y[64:].to(device)
+    data = load_data(args.data)
+    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def norm(t):
+        return ((t.float() - mean) / std).to(device)
+
+    g = torch.Generator().manual_seed(args.seed)
+    test = torch.randperm(len(data.test_y), generator=g)[: args.samples]
+    return norm(data.train_x), data.train_y.long().to(device), norm(data.test_x[test]), data.test_y[test].long().to(device)
+
+
+def markdown(rows: list[dict], session: dict) -> str:
+    lines = [
+        "# Interference per architecture: how much a constituent's logits depend on its partners",
+        "",
+        f"Data: {session['data']}; {session['steps']} plain training steps per model (AdamW 1e-3, batch 64), "
+        f"{session['samples']} test images probed; device {session['device']}; seed {session['seed']}.",
+        "",
+        "leak: median ||z(A | partners) - z(A | other partners)|| / ||z(A | partners) - z(A' | partners)||; "
+        "agree: A's predicted class unchanged when its partners change; acc: plain and in-composite accuracy of A.",
+        "",
+        "| model | grid | acc alone % | pair leak | pair agree % | pair acc % | quad leak | quad agree % | quad acc % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p, q = r["pair"], r["quad"]
+        lines.append(f"| {r['model']} | {r['grid'][0]}x{r['grid'][1]} | {100 * r['acc_alone']:.1f} "
+                     f"| {p['leak_median']:.3f} | {100 * p['agree']:.1f} | {100 * p['acc_mixed']:.1f} "
+                     f"| {q['leak_median']:.3f} | {100 * q['agree']:.1f} | {100 * q['acc_mixed']:.1f} |")
+    v = session["versions"]
+    lines += ["", f"Versions: {', '.join(f'{k} {val}' for k, val in v.items())}", "", f"Command: `{session['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.models, args.steps, args.samples = "resnet18,vit_tiny,vit_tiny[pooling]", 3, 16
+    elif not args.data:
+        raise SystemExit("error: --data is required (or --smoke)")
+    specs = [m for m in args.models.split(",") if m]
+    for s in specs:
+        parse_model(s)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    train_x, train_y, test_x, test_y = load_images(args, device)
+    os.makedirs(args.out, exist_ok=True)
+    session = {"data": "synthetic (smoke)" if args.smoke else args.data, "steps": args.steps, "samples": len(test_y),
+               "seed": args.seed, "device": str(device), "versions": versions(),
+               "command": " ".join(["python3", "benchmarks/interference_probe.py", *(argv if argv is not None else sys.argv[1:])])}
+    rows = []
+    for spec in specs:
+        rows.append(probe_model(spec, train_x, train_y, test_x, test_y, args, device))
+        r = rows[-1]
+        print(f"[interference] {spec}: acc {r['acc_alone']:.3f}, pair leak {r['pair']['leak_median']:.3f}, "
+              f"quad leak {r['quad']['leak_median']:.3f} ({r['train_seconds']:.0f} s)", flush=True)
+        with open(os.path.join(args.out, "interference_probe.json"), "w") as f:
+            json.dump({"session": session, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "interference_probe.md"), "w") as f:
+            f.write(markdown(rows, session))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
