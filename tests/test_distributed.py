@@ -67,6 +67,30 @@ def test_shards_cover_the_plan_once_with_fixed_shapes(world):
     assert int(total.sum()) == n
 
 
+@pytest.mark.parametrize("method", ["mixtrain", "infobatch", "mixprune", "cutmix", "baseline"])
+def test_every_strategys_step_state_survives_the_epoch_merge_in_place(method, monkeypatch):
+    """A captured DDP step writes to the step-state tensors at the addresses it was captured with:
+    the end-of-epoch merge across ranks must update them in place, for every strategy (a merge
+    that rebound them froze the loss memory on 2x H200 in session 7)."""
+    import torch.distributed as dist
+
+    from mixtrain.strategies import STRATEGIES, create_strategy
+
+    assert method in STRATEGIES
+    strategy = create_strategy(method, 8, (4, 4), 4, "cpu", MixOptions())
+    if strategy.uses_memory:
+        strategy.observe(torch.tensor([1, 2]), torch.tensor([True, True]), torch.tensor([0.3, 0.9]), torch.tensor([True, False]))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t)  # the other rank wrote nothing this epoch
+    state = strategy.step_state()
+    ptrs = [t.data_ptr() for t in state]
+    strategy.end_epoch(distributed=True)
+    assert [t.data_ptr() for t in strategy.step_state()] == ptrs
+    if strategy.uses_memory:
+        assert torch.allclose(strategy.memory.loss[1:3], torch.tensor([0.3, 0.9]))  # merged values, same tensors
+
+
 def test_loss_scale_makes_the_rank_average_the_global_mean():
     """DDP averages the ranks' gradients; with the scale, that average is the gradient of the mean
     over every sample of the global batch (each sample weighs the same, as in one process)."""
