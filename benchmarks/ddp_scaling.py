@@ -16,7 +16,9 @@ loading the data, evaluation, file writes. The global batch is the same everywhe
 ``--batch-size`` per process = global batch / processes, so the LR schedule and every step's
 samples match the one-GPU run. One GPU uses the CUDA-graph step (the trainer's default there);
 DDP's step is captured too (the default since session 7; ``--extra "--cuda-graph off"`` for eager
-DDP); the variant ``1-eager`` adds a one-GPU run without the graph.
+DDP); the variant ``1-eager`` adds a one-GPU run without the graph, and ``N-bMB`` (e.g. ``2-b100``)
+runs N processes with DDP's all-reduce buckets at MB megabytes (``--ddp-bucket-mb``; default 25),
+to tune the bucket size.
 
 ImageNet-style data without a download: ``--generate-images N`` writes a folder of N generated
 JPEGs (224-500 px sides, ``--generate-classes`` classes, each class its own coarse pattern under
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--batch", type=int, default=512, help="global batch (passes per step over all processes)")
     p.add_argument("--variants", default="1,2",
-                   help="comma-separated: N = N processes (1 = plain one-GPU run), 1-eager = one GPU without the CUDA graph")
+                   help="comma-separated: N = N processes (1 = plain one-GPU run), N-eager = without the CUDA graph, "
+                        "N-bMB = DDP buckets of MB megabytes")
     p.add_argument("--out", default="results/ddp-scaling")
     p.add_argument("--extra", default="", help="more mixtrain train options, passed to every run (one string)")
     p.add_argument("--generate-images", type=int, default=0, help="generate an ImageNet-style folder of this many training JPEGs under --work and train from it")
@@ -76,16 +79,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_variant(v: str) -> tuple[int, bool]:
-    """'2' -> (2 processes, default graph setting); '1-eager' -> (1, graph off)."""
+def parse_variant(v: str) -> tuple[int, bool, float | None]:
+    """'2' -> (2 processes, default graph setting, default buckets); '1-eager' -> (1, graph off,
+    None); '2-b100' -> (2, default graph setting, 100 MB buckets)."""
     procs, _, tag = v.partition("-")
-    if not procs.isdigit() or int(procs) < 1 or tag not in ("", "eager"):
-        raise SystemExit(f"error: --variants {v!r}: expected N (processes) or N-eager")
-    return int(procs), tag == "eager"
+    bucket = None
+    if tag.startswith("b"):
+        try:
+            bucket = float(tag[1:])
+        except ValueError:
+            bucket = -1.0
+    if not procs.isdigit() or int(procs) < 1 or (tag not in ("", "eager") and not (bucket and bucket > 0)):
+        raise SystemExit(f"error: --variants {v!r}: expected N (processes), N-eager or N-bMB (bucket megabytes > 0)")
+    return int(procs), tag == "eager", bucket
 
 
 def run_command(args, variant: str, method: str, seed: int, out: str) -> list[str]:
-    procs, eager = parse_variant(variant)
+    procs, eager, bucket = parse_variant(variant)
     if args.batch % procs:
         raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
     train = ["-m", "mixtrain", "train", "--data", args.data, "--model", args.model, "--method", method,
@@ -93,6 +103,8 @@ def run_command(args, variant: str, method: str, seed: int, out: str) -> list[st
              "--out", out, "--progress", "none", "--save-checkpoints", "off", *folder_options(args), *shlex.split(args.extra)]
     if eager:
         train += ["--cuda-graph", "off"]
+    if bucket:
+        train += ["--ddp-bucket-mb", f"{bucket:g}"]
     if procs == 1:
         return [sys.executable, *train]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *train]

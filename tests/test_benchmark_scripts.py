@@ -293,3 +293,17 @@ def test_interference_probe_composites_change_only_the_partner():
         m = probe.region_masks((4, 4), kind, 3, "cpu")
         assert m.shape == (3, k, 4, 4) and torch.allclose(m.sum((-2, -1)), torch.ones(3, k))
         assert torch.equal((m[0] > 0).sum(0), torch.ones(4, 4, dtype=torch.long))  # the regions tile the grid
+
+
+def test_ddp_scaling_variants_name_processes_graph_and_buckets():
+    bench = load_script("ddp_scaling")
+    assert bench.parse_variant("2") == (2, False, None)
+    assert bench.parse_variant("1-eager") == (1, True, None)
+    assert bench.parse_variant("2-b100") == (2, False, 100.0)
+    for bad in ("0", "2-b", "2-bx", "2-b0", "2-fast"):
+        with pytest.raises(SystemExit, match="expected N"):
+            bench.parse_variant(bad)
+    args = bench.parse_args(["--data", "digits", "--batch", "64"])
+    cmd = bench.run_command(args, "2-b50", "mixtrain", 0, "/tmp/x")
+    assert cmd[cmd.index("--ddp-bucket-mb") + 1] == "50" and cmd[cmd.index("--batch-size") + 1] == "32"
+    assert "--ddp-bucket-mb" not in bench.run_command(args, "2", "mixtrain", 0, "/tmp/x")
