@@ -28,7 +28,12 @@ partners. This probe measures that directly, per model:
 A ViT that separates constituents by attention has ``leak`` 0 by construction, which checks the
 probe. With ``--vit-separation pooling`` its tokens attend across regions.
 
+``--from-runs DIR,...`` probes the models that finished ``mixtrain train`` runs instead (their
+``config.json`` and ``checkpoint.pt``; no brief training): for example a baseline run beside a
+mixtrain run, to see whether training under mixing teaches a model to let less in.
+
     python benchmarks/interference_probe.py --data npz:../shared/data/cifar10 --out R
+    python benchmarks/interference_probe.py --from-runs runs/base,runs/mix --data npz:../shared/data/cifar10 --out R
     python benchmarks/interference_probe.py --smoke --out /tmp/ip
 """
 
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from mixtrain.data import load_data  # noqa: E402
+from mixtrain.errors import MixtrainError  # noqa: E402
 from mixtrain.models import adapt, create_model  # noqa: E402
 from mixtrain.trainer import resolve_device, versions  # noqa: E402
 
@@ -55,13 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help="CIFAR-shaped data spec (npz:DIR); required unless --smoke")
     p.add_argument("--models", default="resnet18,resnet34,resnet50,mobilenetv2,vit_tiny,vit_tiny[pooling]",
                    help="comma-separated; a ViT with [pooling] runs without attention separation")
+    p.add_argument("--from-runs", default="", help="comma-separated mixtrain train --out folders: probe their trained models (not --models)")
     p.add_argument("--steps", type=int, default=300, help="plain training steps before probing (batch 64)")
     p.add_argument("--samples", type=int, default=256, help="test images probed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="results/interference-probe")
-    p.add_argument("--smoke", action="store_true", help="synthetic 32 px data, resnet18 and vit_tiny, 3 steps, 16 samples")
+    p.add_argument("--smoke", action="store_true", help="synthetic 32 px data, resnet18 and vit_tiny, 1 step, 16 samples")
     return p.parse_args(argv)
 
 
@@ -155,30 +162,60 @@ def probe(model, x: torch.Tensor, y: torch.Tensor, kind: str, seed: int) -> dict
     }
 
 
-def probe_model(spec: str, train_x, train_y, test_x, test_y, args, device) -> dict:
-    name, separate = parse_model(spec)
-    torch.manual_seed(args.seed)
-    size = train_x.shape[-1]
-    model = adapt(create_model(name, 10, train_x.shape[1], size), size, train_x.shape[1], separate_attention=separate).to(device)
-    t0 = time.perf_counter()
-    train_briefly(model, train_x, train_y, args.steps, args.seed)
+def measure(model, label: str, test_x, test_y, seed: int) -> dict:
+    """The row of one model (in eval mode): plain accuracy, then pairs and quads."""
     with torch.no_grad():
         plain = torch.cat([model(test_x[i : i + 64]).float() for i in range(0, len(test_x), 64)])
-    row = {"model": spec, "grid": list(model.grid), "steps": args.steps, "train_seconds": time.perf_counter() - t0,
-           "acc_alone": float((plain.argmax(1) == test_y).float().mean()),
+    row = {"model": label, "grid": list(model.grid), "acc_alone": float((plain.argmax(1) == test_y).float().mean()),
            "separates_attention": bool(getattr(model, "separates_attention", False))}
     for kind in ("pair", "quad"):
-        row[kind] = probe(model, test_x, test_y, kind, args.seed)
+        row[kind] = probe(model, test_x, test_y, kind, seed)
     return row
 
 
+def probe_model(spec: str, images, num_classes: int, args, device) -> dict:
+    """Build ``spec`` as training does, train it briefly on plain images, probe it."""
+    train_x, train_y, test_x, test_y = images
+    name, separate = parse_model(spec)
+    torch.manual_seed(args.seed)
+    size, chans = train_x.shape[-1], train_x.shape[1]
+    model = adapt(create_model(name, num_classes, chans, size), size, chans, separate_attention=separate).to(device)
+    t0 = time.perf_counter()
+    train_briefly(model, train_x, train_y, args.steps, args.seed)
+    return {**measure(model, spec, test_x, test_y, args.seed), "steps": args.steps, "train_seconds": time.perf_counter() - t0}
+
+
+def read_run(folder: str):
+    """(TrainConfig, checkpoint state) of a finished ``mixtrain train`` run, read as ``mixtrain show`` does."""
+    from mixtrain.show import _read_run
+
+    try:
+        cfg, _, state = _read_run(folder)
+    except MixtrainError as e:  # its messages name show's --from
+        raise MixtrainError(str(e).replace("--from ", "--from-runs ", 1)) from None
+    return cfg, state
+
+
+def probe_run(folder: str, images, num_classes: int, args, device) -> dict:
+    """The finished model of a ``mixtrain train`` run (its options and last checkpoint), probed."""
+    cfg, state = read_run(folder)
+    test_x, test_y = images[2], images[3]
+    size, chans = test_x.shape[-1], test_x.shape[1]
+    model = adapt(create_model(cfg.resolved_model(), num_classes, chans, size), size, chans,
+                  separate_attention=cfg.vit_separation == "attention")
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    label = f"{cfg.resolved_model()} {cfg.method} ({os.path.basename(os.path.normpath(folder))}, {int(state['epoch'])} epochs)"
+    return {**measure(model, label, test_x, test_y, args.seed), "run": folder, "steps": 0, "train_seconds": 0.0}
+
+
 def load_images(args, device):
-    """(train x, train y, test x, test y): normalised float images on ``device``."""
-    if args.smoke:
+    """((train x, train y, test x, test y), classes): normalised float images on ``device``."""
+    if args.smoke and not args.data:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(96, 3, 32, 32, generator=g)
         y = torch.randint(0, 10, (96,), generator=g)
-        return x[:64].to(device), y[:64].to(device), x[64:].to(device), y[64:].to(device)
+        return (x[:64].to(device), y[:64].to(device), x[64:].to(device), y[64:].to(device)), 10
     data = load_data(args.data)
     mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
     std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1) * 255
@@ -188,14 +225,17 @@ def load_images(args, device):
 
     g = torch.Generator().manual_seed(args.seed)
     test = torch.randperm(len(data.test_y), generator=g)[: args.samples]
-    return norm(data.train_x), data.train_y.long().to(device), norm(data.test_x[test]), data.test_y[test].long().to(device)
+    images = (norm(data.train_x), data.train_y.long().to(device), norm(data.test_x[test]), data.test_y[test].long().to(device))
+    return images, data.num_classes
 
 
 def markdown(rows: list[dict], session: dict) -> str:
     lines = [
         "# Interference per architecture: how much a constituent's logits depend on its partners",
         "",
-        f"Data: {session['data']}; {session['steps']} plain training steps per model (AdamW 1e-3, batch 64), "
+        f"Data: {session['data']}; "
+        + ("trained models of mixtrain train runs, " if not session["steps"] else
+           f"{session['steps']} plain training steps per model (AdamW 1e-3, batch 64), ") +
         f"{session['samples']} test images probed; device {session['device']}; seed {session['seed']}.",
         "",
         "leak: median ||z(A | partners) - z(A | other partners)|| / ||z(A | partners) - z(A' | partners)||; "
@@ -215,27 +255,37 @@ def markdown(rows: list[dict], session: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv), argv)
+    except MixtrainError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args, argv) -> int:
+    runs = [r for r in args.from_runs.split(",") if r]
     if args.smoke:
-        args.models, args.steps, args.samples = "resnet18,vit_tiny,vit_tiny[pooling]", 3, 16
-    elif not args.data:
-        raise SystemExit("error: --data is required (or --smoke)")
-    specs = [m for m in args.models.split(",") if m]
+        args.models, args.steps, args.samples = "resnet18,vit_tiny,vit_tiny[pooling]", 1, 16
+    if runs and not args.data:
+        args.data = read_run(runs[0])[0].data  # the first run's data, unless --data says where it is here
+    if not args.data and not args.smoke:
+        raise SystemExit("error: --data is required (or --from-runs, or --smoke)")
+    specs = [] if runs else [m for m in args.models.split(",") if m]
     for s in specs:
         parse_model(s)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    train_x, train_y, test_x, test_y = load_images(args, device)
+    images, num_classes = load_images(args, device)
     os.makedirs(args.out, exist_ok=True)
-    session = {"data": "synthetic (smoke)" if args.smoke else args.data, "steps": args.steps, "samples": len(test_y),
+    session = {"data": args.data or "synthetic (smoke)", "steps": 0 if runs else args.steps, "samples": len(images[3]),
                "seed": args.seed, "device": str(device), "versions": versions(),
                "command": " ".join(["python3", "benchmarks/interference_probe.py", *(argv if argv is not None else sys.argv[1:])])}
     rows = []
-    for spec in specs:
-        rows.append(probe_model(spec, train_x, train_y, test_x, test_y, args, device))
+    jobs = [(r, probe_run) for r in runs] + [(s, probe_model) for s in specs]
+    for what, fn in jobs:
+        rows.append(fn(what, images, num_classes, args, device))
         r = rows[-1]
-        print(f"[interference] {spec}: acc {r['acc_alone']:.3f}, pair leak {r['pair']['leak_median']:.3f}, "
+        print(f"[interference] {r['model']}: acc {r['acc_alone']:.3f}, pair leak {r['pair']['leak_median']:.3f}, "
               f"quad leak {r['quad']['leak_median']:.3f} ({r['train_seconds']:.0f} s)", flush=True)
         with open(os.path.join(args.out, "interference_probe.json"), "w") as f:
             json.dump({"session": session, "rows": rows}, f, indent=1)

@@ -307,3 +307,25 @@ def test_ddp_scaling_variants_name_processes_graph_and_buckets():
     cmd = bench.run_command(args, "2-b50", "mixtrain", 0, "/tmp/x")
     assert cmd[cmd.index("--ddp-bucket-mb") + 1] == "50" and cmd[cmd.index("--batch-size") + 1] == "32"
     assert "--ddp-bucket-mb" not in bench.run_command(args, "2", "mixtrain", 0, "/tmp/x")
+
+
+def test_interference_probe_reads_a_finished_run(tmp_path):
+    """--from-runs probes a run's own trained model: its plain accuracy over the whole test set is
+    the run's reported test accuracy (same weights, same normalisation); a folder that is no run
+    is one error line."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "mix"
+    subprocess.run([sys.executable, "-m", "mixtrain", "train", "--data", "digits", "--method", "mixtrain", "--epochs", "3",
+                    "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "none", "--out", str(run)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    probe = load_script("interference_probe")
+    assert probe.main(["--from-runs", str(run), "--samples", "100000", "--out", str(tmp_path / "p")]) == 0
+    (row,) = json.loads((tmp_path / "p" / "interference_probe.json").read_text())["rows"]
+    reported = json.loads((run / "metrics.json").read_text())["test_accuracy"]
+    assert row["acc_alone"] == pytest.approx(reported, abs=1e-6) and reported > 0.5
+    assert row["model"].startswith("digitnet mixtrain (mix, 3 epochs)") and row["steps"] == 0
+    assert 0 < row["pair"]["leak_median"] < 10 and 0 < row["quad"]["leak_median"] < 10
+    with pytest.raises(SystemExit, match="^error: --from-runs .*no such run folder"):
+        probe.main(["--from-runs", str(tmp_path / "none"), "--out", str(tmp_path / "q")])
