@@ -83,12 +83,10 @@ def parse_variant(v: str) -> tuple[int, bool, float | None]:
     """'2' -> (2 processes, default graph setting, default buckets); '1-eager' -> (1, graph off,
     None); '2-b100' -> (2, default graph setting, 100 MB buckets)."""
     procs, _, tag = v.partition("-")
-    bucket = None
-    if tag.startswith("b"):
-        try:
-            bucket = float(tag[1:])
-        except ValueError:
-            bucket = -1.0
+    try:
+        bucket = float(tag[1:]) if tag.startswith("b") else None
+    except ValueError:
+        bucket = None
     if not procs.isdigit() or int(procs) < 1 or (tag not in ("", "eager") and not (bucket and bucket > 0)):
         raise SystemExit(f"error: --variants {v!r}: expected N (processes), N-eager or N-bMB (bucket megabytes > 0)")
     return int(procs), tag == "eager", bucket

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
+from mixtrain.compose import Normalizer, pool_masks  # noqa: E402
 from mixtrain.data import load_data  # noqa: E402
 from mixtrain.errors import MixtrainError  # noqa: E402
 from mixtrain.models import adapt, create_model  # noqa: E402
@@ -99,15 +100,15 @@ def quad_composite(imgs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def region_masks(grid: tuple[int, int], kind: str, n: int, device) -> torch.Tensor:
-    """Pooling weights [n, K, gh, gw] of the pair's halves or the quad's quadrants (each sums to 1)."""
+    """Pooling weights [n, K, gh, gw] of the pair's halves or the quad's quadrants (each sums to 1):
+    the training step's own :func:`~mixtrain.compose.pool_masks` of those boxes (grid cells)."""
     gh, gw = grid
-    ys, xs = torch.arange(gh, device=device)[:, None], torch.arange(gw, device=device)[None, :]
+    my, mx = gh // 2, gw // 2
     if kind == "pair":
-        regions = [(xs < gw // 2).expand(gh, gw), (xs >= gw // 2).expand(gh, gw)]
+        boxes = [(0, 0, gh, mx), (0, mx, gh, gw)]
     else:
-        top, left = ys < gh // 2, xs < gw // 2
-        regions = [top & left, top & ~left, ~top & left, ~top & ~left]
-    m = torch.stack([r.float() / r.float().sum() for r in regions])
+        boxes = [(0, 0, my, mx), (0, mx, my, gw), (my, 0, gh, mx), (my, mx, gh, gw)]
+    m = pool_masks(torch.tensor(boxes, dtype=torch.float32, device=device), grid)
     return m.expand(n, *m.shape).contiguous()
 
 
@@ -217,11 +218,10 @@ def load_images(args, device):
         y = torch.randint(0, 10, (96,), generator=g)
         return (x[:64].to(device), y[:64].to(device), x[64:].to(device), y[64:].to(device)), 10
     data = load_data(args.data)
-    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    normalize = Normalizer(data.mean, data.std, device)  # as training normalises
 
     def norm(t):
-        return ((t.float() - mean) / std).to(device)
+        return normalize(t.to(device))
 
     g = torch.Generator().manual_seed(args.seed)
     test = torch.randperm(len(data.test_y), generator=g)[: args.samples]
