@@ -90,6 +90,54 @@ def test_render_report_table():
     assert "n/a (no baseline runs)" in no_base
 
 
+def _part(tmp_path, name, runs, setup=None, gpu="H200", torch_version="2.11"):
+    """A bench folder of ``runs`` as one process would have left it."""
+    d = tmp_path / name
+    d.mkdir()
+    results = {"format": bench.FORMAT, "setup": setup or {"data": "npz:/c10", "resolved_model": "resnet50", "lr": 0.2},
+               "timing": bench.TIMING_NOTE, "methods": sorted({r["method"] for r in runs}),
+               "planned": [r["key"] for r in runs],
+               "sessions": [{"command": f"mixtrain bench --out {name}", "device": {"type": "cuda", "name": gpu},
+                             "versions": {"torch": torch_version}}], "runs": runs}
+    (d / "results.json").write_text(json.dumps(results))
+    return str(d)
+
+
+def test_report_merges_benches_run_side_by_side(tmp_path, capsys):
+    # seeds 0 on one GPU, seed 1 on the other: one table over both seeds
+    a = _part(tmp_path, "gpu0", [r for r in MADE_UP if r["seed"] == 0])
+    b = _part(tmp_path, "gpu1", [r for r in MADE_UP if r["seed"] == 1])
+    out = tmp_path / "merged"
+    assert main(["report", str(out), "--merge", f"{a},{b}"]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert sorted(r["key"] for r in merged["runs"]) == sorted(r["key"] for r in MADE_UP)
+    assert [s["part"] for s in merged["sessions"]] == [a, b]
+    report = (out / "report.md").read_text()
+    assert report == bench.render_report(merged)
+    # the same table as one bench of all the runs would give
+    assert "| mixtrain | 10 | 2 | 700 | 8.0 | 86.00 ± 1.41 | 1.38x | 1.43x |" in report
+    assert "`mixtrain bench --out gpu0`" in report and "Alongside, merged (mixtrain report --merge): `mixtrain bench --out gpu1`" in report
+    capsys.readouterr()
+
+    # what cannot be merged is one error line each, and nothing is written
+    cases = [
+        (_part(tmp_path, "lr", MADE_UP[1:2], setup={"data": "npz:/c10", "resolved_model": "resnet50", "lr": 0.1}),
+         f"setups differ: lr: 0.2 in {a}, 0.1 in {tmp_path / 'lr'}"),
+        (_part(tmp_path, "h100", MADE_UP[1:2], gpu="H100"), "measured with device 'H100' and 'H200'"),
+        (_part(tmp_path, "again", MADE_UP[:1]), "run baseline-e10-s0 is in both"),
+    ]
+    for other, message in cases:
+        dest = tmp_path / f"into-{os.path.basename(other)}"
+        assert main(["report", str(dest), "--merge", f"{a},{other}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not dest.exists()
+    assert main(["report", str(out), "--merge", f"{a},{b}"]) == 2  # never over an existing bench
+    assert "already exists" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "one"), "--merge", a]) == 2
+    assert "two or more" in capsys.readouterr().err
+
+
 def _log(losses, mixed):
     return [{"epoch": i + 1, "train_loss": l, "mixed_fraction": m} for i, (l, m) in enumerate(zip(losses, mixed))]
 

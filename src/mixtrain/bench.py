@@ -317,10 +317,11 @@ def render_report(results: dict) -> str:
     versions = first.get("versions", {})
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = [f"# mixtrain bench: {setup.get('data', '?')}, {setup.get('resolved_model', setup.get('model', '?'))}", ""]
-    cmds = [s.get("command", "") for s in results.get("sessions", [])]
-    lines.append("- Command: " + (f"`{cmds[0]}`" if cmds else "n/a"))
-    for c in cmds[1:]:
-        lines.append(f"- Continued with: `{c}`")
+    sessions = results.get("sessions", [])
+    lines.append("- Command: " + (f"`{sessions[0].get('command', '')}`" if sessions else "n/a"))
+    for prev, s in zip(sessions, sessions[1:]):
+        how = "Continued with" if s.get("part") == prev.get("part") else "Alongside, merged (mixtrain report --merge)"
+        lines.append(f"- {how}: `{s.get('command', '')}`")
     lines.append(f"- Device: {device.get('name', '?')} ({device.get('type', '?')})")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cpu")))
     lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
@@ -524,13 +525,13 @@ def _setup_as_now(saved: dict) -> dict:
     return now
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(a: dict, b: dict, prefix: str = "", labels: tuple[str, str] = ("then", "now")) -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], f"{prefix}{k}.")
+            out += _diff(a[k], b[k], f"{prefix}{k}.", labels)
         elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: {a.get(k)!r} then, {b.get(k)!r} now")
+            out.append(f"{prefix}{k}: {a.get(k)!r} {labels[0]}, {b.get(k)!r} {labels[1]}")
     return out
 
 
@@ -758,7 +759,49 @@ def cmd_bench(args):
         print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
 
 
+def merge_results(parts: dict[str, dict]) -> dict:
+    """One bench of the benches ``parts`` (folder -> results) that ran the same setup side by side,
+    for instance one per GPU of a host: their runs, planned runs and sessions together. Their runs
+    compare only when the setup, the device model and the torch version agree, and a run key may
+    come from one part only."""
+    (first_dir, first), *rest = parts.items()
+    then = first["sessions"][0]
+    for d, r in rest:
+        diffs = _diff(_setup_as_now(first.get("setup", {})), _setup_as_now(r.get("setup", {})), labels=(f"in {first_dir}", f"in {d}"))
+        if diffs:
+            raise MixtrainError(f"cannot merge {d} with {first_dir}: their setups differ: " + "; ".join(diffs))
+        now = r["sessions"][0]
+        for what, a, b in (("device", then["device"].get("name"), now["device"].get("name")),
+                           ("torch version", then["versions"].get("torch"), now["versions"].get("torch"))):
+            if a != b:
+                raise MixtrainError(f"cannot merge {d} with {first_dir}: measured with {what} {b!r} and {a!r}; "
+                                    "timings would not be comparable")
+    owner: dict[str, str] = {}
+    for d, r in parts.items():
+        for run in r["runs"]:
+            if run["key"] in owner:
+                raise MixtrainError(f"cannot merge: run {run['key']} is in both {owner[run['key']]} and {d}")
+            owner[run["key"]] = d
+    merged = {k: v for k, v in first.items() if k not in ("methods", "planned", "sessions", "runs")}
+    for key in ("methods", "planned"):
+        merged[key] = list(dict.fromkeys(x for r in parts.values() for x in r.get(key, [])))
+    # each session remembers its part, so the report tells runs side by side from continuations
+    merged["sessions"] = [{**s, "part": s.get("part", d)} for d, r in parts.items() for s in r["sessions"]]
+    merged["runs"] = [run for r in parts.values() for run in r["runs"]]
+    return merged
+
+
 def cmd_report(args):
+    if args.merge:
+        sources = [d for d in args.merge.split(",") if d]
+        if len(sources) < 2:
+            raise MixtrainError("--merge takes two or more bench folders, comma-separated")
+        if os.path.exists(os.path.join(args.dir, RESULTS)) and args.dir not in sources:
+            raise MixtrainError(f"{os.path.join(args.dir, RESULTS)} already exists: merge into a new folder")
+        merged = merge_results({d: load_results(d) for d in sources})
+        os.makedirs(args.dir, exist_ok=True)
+        _write_json(os.path.join(args.dir, RESULTS), merged)
+        print(f"merged {len(merged['runs'])} runs of {len(sources)} benches into {os.path.join(args.dir, RESULTS)}")
     results = load_results(args.dir)
     report, png = write_report(args.dir, results)
     print(f"wrote {report}, {png} and {os.path.join(args.dir, MIXING)}")
@@ -786,7 +829,11 @@ def add_bench_commands(sub, fmt):
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="re-render OUT/report.md, OUT/frontier.png and OUT/mixing.png from OUT/results.json",
-                       formatter_class=fmt, description="Rebuild a bench's report.md, frontier.png and mixing.png from its results.json.")
+                       formatter_class=fmt, description="Rebuild a bench's report.md, frontier.png and mixing.png from its results.json "
+                                   "(with --merge: from several benches' results.json, merged).")
     r.add_argument("dir", help="the bench's output folder (holding results.json)")
+    r.add_argument("--merge", metavar="DIR,DIR,...", default="",
+                   help="first merge these benches of the same setup, run side by side (e.g. one per GPU, each with "
+                        "its own --seeds), into DIR/results.json")
     add_debug_option(r)
     r.set_defaults(func=cmd_report)
