@@ -12,7 +12,8 @@ the trainer's ``train_seconds`` (device-synchronised wall-clock of all epochs: p
 set-up, augment + compose, forward/backward/optimiser steps, the end-of-epoch loss-memory merge
 across processes) and the same without epoch 1 (``steady_seconds``: epoch 1 also pays cuDNN
 autotuning, CUDA-graph capture on one GPU and NCCL's first collectives). Not timed: process start,
-loading the data, evaluation, file writes. The global batch is the same everywhere:
+loading the data, evaluation, file writes, and one untimed warm-up process before the timed runs
+(``--warmup-epochs``; the first timed run used to pay more in its first epoch). The global batch is the same everywhere:
 ``--batch-size`` per process = global batch / processes, so the LR schedule and every step's
 samples match the one-GPU run. One GPU uses the CUDA-graph step (the trainer's default there);
 DDP's step is captured too (the default since session 7; ``--extra "--cuda-graph off"`` for eager
@@ -75,6 +76,11 @@ def parse_args(argv=None):
                    help="generated images carry no class information (session 7's form: nothing is learnt, so mixtrain never mixes)")
     p.add_argument("--work", default="/tmp/ddp-scaling-work", help="where the generated folder and its caches live")
     p.add_argument("--image-size", type=int, default=224, help="training resolution = cache size, for generated folders")
+    p.add_argument("--warmup-epochs", type=int, default=1,
+                   help="before the timed runs, one untimed one-process run of the first method for this many epochs "
+                        "(0: none). Without it the first timed run paid about 3-10 s more in its first epoch than "
+                        "the same run later in the chain (sessions 7-8: CUDA's kernel cache, the page cache of "
+                        "freshly written data), which inflated the one-GPU baseline")
     p.add_argument("--smoke", action="store_true", help="tiny CPU check: digits, gloo, 2 epochs, batch 64")
     return p.parse_args(argv)
 
@@ -139,6 +145,21 @@ def child_env() -> dict:
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "4")
     return env
+
+
+def warm_up(args, method: str, seed: int) -> dict:
+    """The untimed warm-up: ``method`` on one process for ``--warmup-epochs`` epochs; its record is
+    kept in the session, never in the table."""
+    out = os.path.join(args.out, "runs", "warmup")
+    cmd = run_command(args, "1", method, seed, out)
+    cmd[cmd.index("--epochs") + 1] = str(args.warmup_epochs)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    rec = {"command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
+           "process_seconds": time.perf_counter() - t0}
+    if r.returncode != 0:
+        raise SystemExit(f"error: the warm-up run failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return rec
 
 
 def one_run(args, variant: str, method: str, seed: int) -> dict:
@@ -225,6 +246,8 @@ def markdown(rows: list[dict], runs: list[dict], session: dict) -> str:
     v = next((r["versions"] for r in runs if "versions" in r), {})
     lines += ["", f"Versions: {', '.join(f'{k} {val}' for k, val in v.items())}", "",
               f"Command: `{session['command']}`", "", "Each run's own command is in ddp_scaling.json (`command`)."]
+    if "warmup" in session:
+        lines += ["", f"Before the timed runs, untimed ({session['warmup']['process_seconds']:.0f} s): `{session['warmup']['command']}`"]
     errors = [r for r in runs if "error" in r]
     if errors:
         lines += ["", "## Failed runs", ""] + [f"- {r['variant']} {r['method']} seed {r['seed']}: `{r['error'][-300:]}`" for r in errors]
@@ -249,6 +272,9 @@ def main(argv=None) -> int:
                "command": " ".join(["python3", "benchmarks/ddp_scaling.py", *(argv if argv is not None else sys.argv[1:])])}
     if folder:
         session.update(folder=folder, image_size=args.image_size)
+    if args.warmup_epochs > 0:
+        session["warmup"] = warm_up(args, methods[0], seeds[0])
+        print(f"[ddp_scaling] warm-up (untimed): {session['warmup']['process_seconds']:.1f} s", flush=True)
     runs = []
     for seed in seeds:  # interleaved, so drift hits every variant and method alike
         for method in methods:

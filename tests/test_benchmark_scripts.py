@@ -118,6 +118,11 @@ def test_ddp_scaling_smoke(tmp_path):
     assert row["accuracy_diff_vs_one_gpu"] == pytest.approx(two["test_accuracy"] - one["test_accuracy"])
     table = (tmp_path / "ddp_scaling.md").read_text()
     assert "| 2 | mixtrain | off | 0 |" in table and "benchmarks/ddp_scaling.py --smoke" in table
+    # the untimed warm-up ran first, one process, one epoch, and is no row of the table
+    warm = result["session"]["warmup"]
+    assert "--epochs 1 " in warm["command"] and "torch.distributed.run" not in warm["command"]
+    assert json.loads((tmp_path / "runs" / "warmup" / "metrics.json").read_text())["epochs"] == 1
+    assert "Before the timed runs, untimed" in table
 
 
 def _nearest_centroid_accuracy(root, classes):
@@ -156,7 +161,7 @@ def test_ddp_scaling_trains_from_a_generated_folder(tmp_path):
     assert bench.main(["--generate-images", "96", "--generate-classes", "4", "--work", str(tmp_path / "w"),
                        "--image-size", "32", "--model", "digitnet", "--batch", "16", "--epochs", "2", "--seeds", "0",
                        "--variants", "1", "--methods", "mixtrain", "--extra", "--device cpu --lr 0.05",
-                       "--out", str(tmp_path / "o")]) == 0
+                       "--warmup-epochs", "0", "--out", str(tmp_path / "o")]) == 0
     result = json.loads((tmp_path / "o" / "ddp_scaling.json").read_text())
     assert result["session"]["data"] == f"folder:{tmp_path / 'w' / 'folder'}" and result["session"]["image_size"] == 32
     assert result["session"]["folder"]["generated"]["learnable"]
