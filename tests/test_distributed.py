@@ -338,6 +338,78 @@ def test_own_loop_under_ddp_with_the_public_api(tmp_path):
     assert np.array_equal(w0, w1)
 
 
+RESUME = textwrap.dedent(
+    """
+    # Two ranks: an uninterrupted run, and the same run stopped right after its epoch-2 checkpoint
+    # (as a kill at that moment would) and continued with resume=True.
+    import json, sys
+    import torch.distributed as dist
+    from mixtrain import MixOptions, TrainConfig, Trainer
+
+    out = sys.argv[1]
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterEpoch2(Trainer):
+        def on_checkpoint(self, where):
+            if where == "end of epoch 2":
+                raise Crash(where)
+
+    def config(name, **kw):
+        # rule 'fraction': half the samples mix from epoch 2 on, however little was learnt
+        return TrainConfig(data="digits", model="digitnet", method="mixtrain", epochs=3, batch_size=32, lr=0.05,
+                           device="cpu", deterministic=True, progress="none", out=f"{out}/{name}",
+                           mix=MixOptions(rule="fraction", fraction=0.5, final_unmixed_epochs=0), **kw)
+
+    ref = Trainer(config("ref")).fit()
+    cut = CrashAfterEpoch2(config("cut"))
+    try:
+        cut.fit()
+        raise SystemExit("the run was not stopped")
+    except Crash:
+        cut.checkpoints.wait()
+    dist.barrier()  # rank 0's checkpoint is on disk before either rank reads it
+    class Counting(Trainer):
+        trained = []
+
+        def train_epoch(self, *args, **kwargs):
+            self.trained.append(self.epoch)
+            return super().train_epoch(*args, **kwargs)
+
+    resumed = Counting(config("cut", resume=True)).fit()
+    keep = ("passes", "samples", "test_accuracy", "epochs_log")
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump({"ref": {k: ref[k] for k in keep}, "resumed": {k: resumed[k] for k in keep},
+                   "resumed_epochs": Counting.trained}, f)
+    """
+)
+
+
+def test_torchrun_resume_continues_exactly(tmp_path):
+    """Two processes, mixtrain, a run stopped after its epoch-2 checkpoint and resumed: the same
+    metrics on both ranks as the uninterrupted run, and bit-identical final weights and memory."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME)
+    torchrun([str(script), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    def strip(log):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in log]
+
+    for rank in ranks:
+        ref, resumed = rank["ref"], rank["resumed"]
+        assert rank["resumed_epochs"] == [2]  # the resumed run trained epoch 3 only
+        assert ref["epochs_log"][1]["mixed_fraction"] > 0.4  # and planned it from the merged loss memory
+        for key in ("passes", "samples", "test_accuracy"):
+            assert resumed[key] == ref[key], key
+        assert strip(resumed["epochs_log"]) == strip(ref["epochs_log"])
+    assert strip(ranks[0]["resumed"]["epochs_log"]) == strip(ranks[1]["resumed"]["epochs_log"])  # ranks agree
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True) for run in ("ref", "cut"))
+    assert (a["epoch"], b["epoch"]) == (3, 3)
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["strategy"]["memory"][k], b["strategy"]["memory"][k]) for k in ("loss", "correct"))
+
+
 def test_ddp_options_for_a_captured_step_are_what_ddp_takes(tmp_path):
     """A step captured under DDP needs gradients as views of fixed buckets and a static graph; the
     wrapper passes them (and the bucket size) and this PyTorch's DDP accepts and trains with them."""
