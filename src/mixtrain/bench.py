@@ -306,6 +306,16 @@ def loss_spikes(epochs_log: list[dict], rise: float = SPIKE_RISE) -> list[int]:
     return out
 
 
+def _command_lines(sessions: list[dict]) -> list[str]:
+    """The report's command lines: the first session's, then each later one as a continuation of
+    the same bench or, from another part of a merged bench, as run alongside."""
+    lines = ["- Command: " + (f"`{sessions[0].get('command', '')}`" if sessions else "n/a")]
+    for prev, s in zip(sessions, sessions[1:]):
+        how = "Continued with" if s.get("part") == prev.get("part") else "Alongside, merged (mixtrain report --merge)"
+        lines.append(f"- {how}: `{s.get('command', '')}`")
+    return lines
+
+
 def render_report(results: dict) -> str:
     """The markdown report of a results dict (see :func:`run_bench` for its fields)."""
     reference = "baseline"
@@ -317,11 +327,7 @@ def render_report(results: dict) -> str:
     versions = first.get("versions", {})
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = [f"# mixtrain bench: {setup.get('data', '?')}, {setup.get('resolved_model', setup.get('model', '?'))}", ""]
-    sessions = results.get("sessions", [])
-    lines.append("- Command: " + (f"`{sessions[0].get('command', '')}`" if sessions else "n/a"))
-    for prev, s in zip(sessions, sessions[1:]):
-        how = "Continued with" if s.get("part") == prev.get("part") else "Alongside, merged (mixtrain report --merge)"
-        lines.append(f"- {how}: `{s.get('command', '')}`")
+    lines += _command_lines(results.get("sessions", []))
     lines.append(f"- Device: {device.get('name', '?')} ({device.get('type', '?')})")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cpu")))
     lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
