@@ -278,6 +278,47 @@ def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
     assert "missing" not in (out / "report.md").read_text()
 
 
+def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
+    """--devices: one bench process per device, seeds dealt out in turn, one merged report; a
+    second invocation needs --resume, and --resume with every run done changes nothing."""
+    data = _tiny_npz(tmp_path / "data")
+    out = tmp_path / "bench"
+    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[cpu seeds 0,2] warm-up baseline" in p.stdout and "[cpu seeds 1] warm-up baseline" in p.stdout
+    parts = {d: json.loads((out / "parts" / d / "results.json").read_text()) for d in ("0-cpu", "1-cpu")}
+    assert sorted(r["key"] for r in parts["0-cpu"]["runs"]) == ["baseline-e1-s0", "baseline-e1-s2", "mixtrain-e1-s0", "mixtrain-e1-s2"]
+    assert sorted(r["key"] for r in parts["1-cpu"]["runs"]) == ["baseline-e1-s1", "mixtrain-e1-s1"]
+    merged = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in merged["runs"]) == [0, 0, 1, 1, 2, 2]
+    assert sorted(merged["planned"]) == sorted(r["key"] for r in merged["runs"])
+    report = (out / "report.md").read_text()
+    assert "| mixtrain | 1 | 3 |" in report and "Alongside, merged" in report and "missing" not in report
+    # the children ran this command line with their device, seeds and folder last (one seed as a list)
+    commands = [s["command"] for s in merged["sessions"]]
+    assert commands[1].endswith(f"--devices '' --device cpu --seeds 1,1 --out {out / 'parts' / '1-cpu'}")
+
+    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu")
+    assert p.returncode == 2 and p.stderr.count("error:") == 1 and "pass --resume" in p.stderr
+    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu", "--resume")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "all 4 runs are already in" in p.stdout and "all 2 runs are already in" in p.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"] == merged["runs"]
+
+    p = _bench(data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cpu")
+    assert p.returncode == 2 and "2 devices but there are 1 seeds" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_bench_devices_names_the_device_that_failed(tmp_path):
+    data = _tiny_npz(tmp_path / "data")
+    p = _bench(data, tmp_path / "bench", "--seeds", "2", "--epochs", "1", "--devices", "cpu,cuda:7")
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the bench failed on cuda:7 (exit 2: error:"), err
+    assert (tmp_path / "bench" / "results.json").exists()  # the device that worked is merged all the same
+
+
 def test_warm_up_runs_the_mixed_step_at_the_default_options(tmp_path):
     # the untimed warm-up must run a mixing epoch (its shapes, its kernels) whatever the defaults
     # leave unmixed at the end of a short schedule

@@ -758,11 +758,34 @@ def cmd_bench(args):
                             resume=False)
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if devices:
+        return _bench_on_devices(args, argv, devices, seeds)
     command = " ".join(shlex.quote(a) for a in ["mixtrain", *argv])
     results = run_bench(base, methods, epochs, seeds, args.bench_out, command, args.bench_resume, args.stop_after)
     missing = [k for k in results["planned"] if k not in {r["key"] for r in results["runs"]}]
     if missing:
         print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
+
+
+def _bench_on_devices(args, argv: list[str], devices: list[str], seeds: list[int]):
+    """``--devices``: one bench process per device (:mod:`mixtrain.bench_devices`), then the parts
+    merged into OUT's results and report, also when a device failed or stopped early."""
+    from .bench_devices import run_on_devices
+
+    out = args.bench_out
+    folders, failed = run_on_devices(argv, devices, seeds, out, args.bench_resume)
+    done = {f: load_results(f) for f in folders if os.path.exists(os.path.join(f, RESULTS))}
+    if done:
+        merged = merge_results(done)
+        _write_json(os.path.join(out, RESULTS), merged)
+        report, _ = write_report(out, merged)
+        missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
+        print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"
+              + (f"; {len(missing)} runs still missing, continue with the same command plus --resume" if missing else ""),
+              flush=True)
+    if failed:
+        raise MixtrainError("the bench failed on " + "; ".join(failed))
 
 
 def merge_results(parts: dict[str, dict]) -> dict:
@@ -825,6 +848,10 @@ def add_bench_commands(sub, fmt):
     g.add_argument("--epochs", dest="epoch_list", metavar="EPOCHS", default="10,20,30", help="comma-separated epoch budgets")
     g.add_argument("--seeds", metavar="N|LIST", default="3", help="number of seeds (3: seeds 0,1,2) or a comma-separated list")
     g.add_argument("--out", dest="bench_out", metavar="DIR", default="runs/bench", help="output folder")
+    g.add_argument("--devices", metavar="LIST", default="",
+                   help="run on several devices at once (e.g. cuda:0,cuda:1): the seeds are dealt out to them, one "
+                        "bench process per device into OUT/parts/, merged into OUT when all finish (each speedup "
+                        "still compares runs of one process); empty: one process on --device")
     g.add_argument("--resume", dest="bench_resume", action="store_true",
                    help="keep the runs already in OUT/results.json (same setup and device) and train the missing ones")
     g.add_argument("--stop-after", type=float, metavar="SECONDS", default=0.0,

@@ -1,0 +1,81 @@
+"""``mixtrain bench --devices A,B,...``: one bench over several devices, one process per device.
+
+The seeds are dealt out to the devices in turn (seeds 0,1,2 over two GPUs: 0 and 2 on the first,
+1 on the second). Each device runs an ordinary bench of every method and epoch budget for its
+seeds, in its own process, into ``OUT/parts/<i>-<device>``; so each speedup still compares runs of
+one process on one device. When they finish, the parts are merged into ``OUT/results.json`` and
+one report (:func:`mixtrain.bench.merge_results`: same setup, device model and torch version).
+
+Each child is this same command line with ``--device``, ``--seeds`` and ``--out`` of its part
+appended (argparse keeps the last value given) and ``--devices`` emptied. ``--resume`` and
+``--stop-after`` pass to every child as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+from .errors import MixtrainError
+
+PARTS = "parts"
+
+
+def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:
+    """``seeds`` dealt out to ``devices`` in turn; every device gets at least one."""
+    if len(devices) > len(seeds):
+        raise MixtrainError(f"--devices names {len(devices)} devices but there are {len(seeds)} seeds: each device "
+                            "runs whole seeds, so give at least one seed per device (--seeds)")
+    return [seeds[i :: len(devices)] for i in range(len(devices))]
+
+
+def part_dir(out: str, i: int, device: str) -> str:
+    return os.path.join(out, PARTS, f"{i}-{device.replace(':', '')}")
+
+
+def child_argv(argv: list[str], device: str, seeds: list[int], out: str) -> list[str]:
+    """The command line of one device's bench: ``argv`` with that device, its seeds (as a list,
+    so that one seed is not read as a count) and its folder appended; ``--devices`` emptied."""
+    seed_list = ",".join(str(s) for s in (seeds if len(seeds) > 1 else seeds * 2))
+    return [*argv, "--devices", "", "--device", device, "--seeds", seed_list, "--out", out]
+
+
+def _relay(stream, prefix: str, tail: list[str]):
+    """Print a child's lines as they come, prefixed with its device; keep the last few."""
+    for line in stream:
+        print(f"{prefix} {line}", end="", flush=True)
+        tail.append(line.rstrip())
+        del tail[:-5]
+
+
+def run_on_devices(argv: list[str], devices: list[str], seeds: list[int], out: str, resume: bool) -> tuple[list[str], list[str]]:
+    """Run one bench process per device at once and wait for all; returns their part folders and
+    the devices whose bench failed (each with its exit status and last line)."""
+    from .bench import RESULTS
+
+    merged = os.path.join(out, RESULTS)
+    if os.path.exists(merged) and not resume:
+        raise MixtrainError(f"{merged} already exists: pass --resume to continue that bench, or choose another --out")
+    if resume and os.path.exists(merged) and not os.path.isdir(os.path.join(out, PARTS)):
+        raise MixtrainError(f"{out} holds a bench run in one process: continue it without --devices")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    children = []
+    for i, (device, own) in enumerate(zip(devices, deal_seeds(seeds, devices))):
+        folder = part_dir(out, i, device)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, device, own, folder)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        tail: list[str] = []
+        relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{device} seeds {','.join(map(str, own))}]", tail),
+                                 daemon=True)
+        relay.start()
+        children.append((device, folder, proc, relay, tail))
+    failed = []
+    for device, folder, proc, relay, tail in children:
+        proc.wait()
+        relay.join()
+        if proc.returncode != 0:
+            failed.append(f"{device} (exit {proc.returncode}: {tail[-1] if tail else 'no output'})")
+    return [folder for _, folder, *_ in children], failed
