@@ -310,6 +310,16 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     assert p.returncode == 2 and "2 devices but there are 1 seeds" in p.stderr and p.stderr.count("\n") == 1
 
 
+def test_a_device_bench_child_sees_only_its_gpu():
+    from mixtrain.bench_devices import isolate
+
+    assert isolate("cuda:1", None) == ("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
+    assert isolate("cuda:1", "4,6") == ("cuda", {"CUDA_VISIBLE_DEVICES": "6"})  # numbered as this process sees them
+    assert isolate("cpu", "4,6") == ("cpu", {}) and isolate("cuda", None) == ("cuda", {})
+    with pytest.raises(MixtrainError, match="cuda:2 asked for, but CUDA_VISIBLE_DEVICES=4,6 shows 2 GPU"):
+        isolate("cuda:2", "4,6")
+
+
 def test_bench_devices_names_the_device_that_failed(tmp_path):
     data = _tiny_npz(tmp_path / "data")
     p = _bench(data, tmp_path / "bench", "--seeds", "2", "--epochs", "1", "--devices", "cpu,cuda:7")

@@ -7,7 +7,8 @@ one process on one device. When they finish, the parts are merged into ``OUT/res
 one report (:func:`mixtrain.bench.merge_results`: same setup, device model and torch version).
 
 Each child is this same command line with ``--device``, ``--seeds`` and ``--out`` of its part
-appended (argparse keeps the last value given) and ``--devices`` emptied. ``--resume`` and
+appended (argparse keeps the last value given) and ``--devices`` emptied; a child for ``cuda:N``
+sees only that GPU (``CUDA_VISIBLE_DEVICES``) and trains on ``--device cuda``. ``--resume`` and
 ``--stop-after`` pass to every child as they are.
 """
 
@@ -35,6 +36,19 @@ def part_dir(out: str, i: int, device: str) -> str:
     return os.path.join(out, PARTS, f"{i}-{device.replace(':', '')}")
 
 
+def isolate(device: str, visible: str | None) -> tuple[str, dict]:
+    """``(--device, environment)`` of the child for ``device``: ``cuda:N`` becomes ``cuda`` in a
+    process that sees only that GPU (``CUDA_VISIBLE_DEVICES``, mapped through the one this process
+    has, ``visible``), so that no child creates a context on another one's GPU."""
+    if not (device.startswith("cuda:") and device[5:].isdigit()):
+        return device, {}
+    n = int(device[5:])
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    if ids is not None and n >= len(ids):
+        raise MixtrainError(f"--devices: {device} asked for, but CUDA_VISIBLE_DEVICES={visible} shows {len(ids)} GPU(s)")
+    return "cuda", {"CUDA_VISIBLE_DEVICES": ids[n] if ids is not None else str(n)}
+
+
 def child_argv(argv: list[str], device: str, seeds: list[int], out: str) -> list[str]:
     """The command line of one device's bench: ``argv`` with that device, its seeds (as a list,
     so that one seed is not read as a count) and its folder appended; ``--devices`` emptied."""
@@ -60,12 +74,14 @@ def run_on_devices(argv: list[str], devices: list[str], seeds: list[int], out: s
         raise MixtrainError(f"{merged} already exists: pass --resume to continue that bench, or choose another --out")
     if resume and os.path.exists(merged) and not os.path.isdir(os.path.join(out, PARTS)):
         raise MixtrainError(f"{out} holds a bench run in one process: continue it without --devices")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    dealt = deal_seeds(seeds, devices)
+    isolated = [isolate(d, os.environ.get("CUDA_VISIBLE_DEVICES")) for d in devices]  # every error before any start
     children = []
-    for i, (device, own) in enumerate(zip(devices, deal_seeds(seeds, devices))):
+    for i, (device, own, (own_device, own_env)) in enumerate(zip(devices, dealt, isolated)):
         folder = part_dir(out, i, device)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, device, own, folder)]
+        cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, own_device, own, folder)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **own_env}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
         relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{device} seeds {','.join(map(str, own))}]", tail),
