@@ -293,10 +293,14 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     assert sorted(r["seed"] for r in merged["runs"]) == [0, 0, 1, 1, 2, 2]
     assert sorted(merged["planned"]) == sorted(r["key"] for r in merged["runs"])
     report = (out / "report.md").read_text()
-    assert "| mixtrain | 1 | 3 |" in report and "Alongside, merged" in report and "missing" not in report
-    # the children ran this command line with their device, seeds and folder last (one seed as a list)
+    assert "| mixtrain | 1 | 3 |" in report and "missing" not in report
+    # the report names this command, and each child's: this command line with their device, seeds
+    # and folder last (one seed as a list)
+    assert len(merged["devices_commands"]) == 1 and "--devices cpu,cpu" in merged["devices_commands"][0]
+    assert f"- Command: `{merged['devices_commands'][0]}` (one bench process per device, merged)" in report
     commands = [s["command"] for s in merged["sessions"]]
     assert commands[1].endswith(f"--devices '' --device cpu --seeds 1,1 --out {out / 'parts' / '1-cpu'}")
+    assert f"- Part {out / 'parts' / '1-cpu'}: `{commands[1]}`" in report
 
     p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu")
     assert p.returncode == 2 and p.stderr.count("error:") == 1 and "pass --resume" in p.stderr
@@ -304,7 +308,8 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "all 4 runs are already in" in p.stdout and "all 2 runs are already in" in p.stdout
     again = json.loads((out / "results.json").read_text())
-    assert again["runs"] == merged["runs"]
+    assert again["runs"] == merged["runs"] and len(again["devices_commands"]) == 2
+    assert "- Continued with: `" in (out / "report.md").read_text()
 
     p = _bench(data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cpu")
     assert p.returncode == 2 and "2 devices but there are 1 seeds" in p.stderr and p.stderr.count("\n") == 1

@@ -306,9 +306,14 @@ def loss_spikes(epochs_log: list[dict], rise: float = SPIKE_RISE) -> list[int]:
     return out
 
 
-def _command_lines(sessions: list[dict]) -> list[str]:
+def _command_lines(sessions: list[dict], devices_commands: list[str] | None = None) -> list[str]:
     """The report's command lines: the first session's, then each later one as a continuation of
-    the same bench or, from another part of a merged bench, as run alongside."""
+    the same bench or, from another part of a merged bench, as run alongside. A bench run with
+    ``--devices`` shows its own commands first and each device's process as a part of them."""
+    if devices_commands:
+        return ([f"- Command: `{devices_commands[0]}` (one bench process per device, merged)"]
+                + [f"- Continued with: `{c}`" for c in devices_commands[1:]]
+                + [f"- Part {s.get('part', '?')}: `{s.get('command', '')}`" for s in sessions])
     lines = ["- Command: " + (f"`{sessions[0].get('command', '')}`" if sessions else "n/a")]
     for prev, s in zip(sessions, sessions[1:]):
         how = "Continued with" if s.get("part") == prev.get("part") else "Alongside, merged (mixtrain report --merge)"
@@ -327,7 +332,7 @@ def render_report(results: dict) -> str:
     versions = first.get("versions", {})
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = [f"# mixtrain bench: {setup.get('data', '?')}, {setup.get('resolved_model', setup.get('model', '?'))}", ""]
-    lines += _command_lines(results.get("sessions", []))
+    lines += _command_lines(results.get("sessions", []), results.get("devices_commands"))
     lines.append(f"- Device: {device.get('name', '?')} ({device.get('type', '?')})")
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cpu")))
     lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
@@ -778,7 +783,10 @@ def _bench_on_devices(args, argv: list[str], devices: list[str], seeds: list[int
     done = {f: load_results(f) for f in folders if os.path.exists(os.path.join(f, RESULTS))}
     if done:
         merged = merge_results(done)
-        _write_json(os.path.join(out, RESULTS), merged)
+        path = os.path.join(out, RESULTS)
+        before = load_results(out).get("devices_commands", []) if os.path.exists(path) else []  # --resume
+        merged["devices_commands"] = before + [" ".join(shlex.quote(a) for a in ["mixtrain", *argv])]
+        _write_json(path, merged)
         report, _ = write_report(out, merged)
         missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
         print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"
