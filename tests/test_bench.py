@@ -132,6 +132,11 @@ def test_report_merges_benches_run_side_by_side(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not dest.exists()
+    bare = _part(tmp_path, "bare", MADE_UP[2:3])
+    (tmp_path / "bare" / "results.json").write_text(json.dumps({**json.loads((tmp_path / "bare" / "results.json").read_text()),
+                                                                  "sessions": []}))
+    assert main(["report", str(tmp_path / "into-bare"), "--merge", f"{a},{bare}"]) == 2
+    assert "records no bench session" in capsys.readouterr().err
     assert main(["report", str(out), "--merge", f"{a},{b}"]) == 2  # never over an existing bench
     assert "already exists" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "one"), "--merge", a]) == 2

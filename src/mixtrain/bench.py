@@ -801,6 +801,9 @@ def merge_results(parts: dict[str, dict]) -> dict:
     for instance one per GPU of a host: their runs, planned runs and sessions together. Their runs
     compare only when the setup, the device model and the torch version agree, and a run key may
     come from one part only."""
+    for d, r in parts.items():
+        if not r.get("sessions"):
+            raise MixtrainError(f"cannot merge {d}: its {RESULTS} records no bench session (device, versions)")
     (first_dir, first), *rest = parts.items()
     then = first["sessions"][0]
     for d, r in rest:
