@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -267,11 +266,8 @@ def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path):
     the loss memory of every rank, or the resumed run plans and reports differently."""
     script = tmp_path / "ddp_resume.py"
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    with socket.socket() as sock:  # a free port: never collide with another torchrun
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+    # --standalone: torchrun binds a free port itself (a port picked here could be taken before it binds)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     both = json.loads((tmp_path / "both.json").read_text())
