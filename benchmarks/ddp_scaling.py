@@ -158,7 +158,7 @@ def warm_up(args, method: str, seed: int) -> dict:
     rec = {"command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
            "process_seconds": time.perf_counter() - t0}
     if r.returncode != 0:
-        raise SystemExit(f"error: the warm-up run failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        raise SystemExit(f"error: the warm-up run failed: {((r.stderr or r.stdout).strip().splitlines() or ['no output'])[-1]}")
     return rec
 
 

@@ -116,7 +116,7 @@ def test_report_merges_benches_run_side_by_side(tmp_path, capsys):
     assert report == bench.render_report(merged)
     # the same table as one bench of all the runs would give
     assert "| mixtrain | 10 | 2 | 700 | 8.0 | 86.00 ± 1.41 | 1.38x | 1.43x |" in report
-    assert "`mixtrain bench --out gpu0`" in report and "Alongside, merged (mixtrain report --merge): `mixtrain bench --out gpu1`" in report
+    assert "`mixtrain bench --out gpu0`" in report and "Merged from another bench (mixtrain report --merge): `mixtrain bench --out gpu1`" in report
     capsys.readouterr()
 
     # what cannot be merged is one error line each, and nothing is written
@@ -139,6 +139,12 @@ def test_report_merges_benches_run_side_by_side(tmp_path, capsys):
     assert "records no bench session" in capsys.readouterr().err
     assert main(["report", str(out), "--merge", f"{a},{b}"]) == 2  # never over an existing bench
     assert "already exists" in capsys.readouterr().err
+    assert main(["report", a, "--merge", f"{a},{b}"]) == 2  # nor over one of its parts
+    assert "already exists" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "m2"), "--merge", f" {a} , {b}"]) == 0  # spaces are no part of a name
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "m3"), "--merge", f"{a},{b},{a}/"]) == 2
+    assert "names a folder twice" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "one"), "--merge", a]) == 2
     assert "two or more" in capsys.readouterr().err
 
@@ -315,9 +321,16 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == merged["runs"] and len(again["devices_commands"]) == 2
     assert "- Continued with: `" in (out / "report.md").read_text()
+    # continued only as it was dealt out: the same devices and seeds, and with --devices
+    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu", "--resume")
+    assert p.returncode == 2 and "was run as cpu seeds 0,2; cpu seeds 1: continue it with the same --devices" in p.stderr
+    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--resume")
+    assert p.returncode == 2 and "was run with --devices" in p.stderr and p.stderr.count("\n") == 1
 
-    p = _bench(data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cpu")
+    p = _bench(data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cuda:0")
     assert p.returncode == 2 and "2 devices but there are 1 seeds" in p.stderr and p.stderr.count("\n") == 1
+    p = _bench(data, tmp_path / "b2", "--seeds", "2", "--devices", "cuda:0,cuda:0")
+    assert p.returncode == 2 and "names cuda:0 more than once" in p.stderr
 
 
 def test_a_device_bench_child_sees_only_its_gpu():
@@ -328,6 +341,8 @@ def test_a_device_bench_child_sees_only_its_gpu():
     assert isolate("cpu", "4,6") == ("cpu", {}) and isolate("cuda", None) == ("cuda", {})
     with pytest.raises(MixtrainError, match="cuda:2 asked for, but CUDA_VISIBLE_DEVICES=4,6 shows 2 GPU"):
         isolate("cuda:2", "4,6")
+    with pytest.raises(MixtrainError, match="shows 0 GPU"):  # no GPU allowed stays so
+        isolate("cuda:0", "")
 
 
 def test_bench_devices_names_the_device_that_failed(tmp_path):

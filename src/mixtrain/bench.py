@@ -316,7 +316,7 @@ def _command_lines(sessions: list[dict], devices_commands: list[str] | None = No
                 + [f"- Part {s.get('part', '?')}: `{s.get('command', '')}`" for s in sessions])
     lines = ["- Command: " + (f"`{sessions[0].get('command', '')}`" if sessions else "n/a")]
     for prev, s in zip(sessions, sessions[1:]):
-        how = "Continued with" if s.get("part") == prev.get("part") else "Alongside, merged (mixtrain report --merge)"
+        how = "Continued with" if s.get("part") == prev.get("part") else "Merged from another bench (mixtrain report --merge)"
         lines.append(f"- {how}: `{s.get('command', '')}`")
     return lines
 
@@ -597,6 +597,9 @@ def _open_results(out: str, setup: dict, dev: dict, vers: dict, resume: bool) ->
         raise MixtrainError(f"{path} already exists: pass --resume to continue that bench, or choose another --out")
     if resume and os.path.exists(path):
         results = load_results(out)
+        if results.get("devices"):
+            raise MixtrainError(f"{out} was run with --devices (one bench process per device, merged): continue it "
+                                "with the same --devices and --resume")
         _check_continuable(results, out, setup, dev, vers)
         return results
     return {"format": FORMAT, "setup": setup, "timing": TIMING_NOTE, "methods": [], "planned": [],
@@ -776,24 +779,31 @@ def cmd_bench(args):
 def _bench_on_devices(args, argv: list[str], devices: list[str], seeds: list[int]):
     """``--devices``: one bench process per device (:mod:`mixtrain.bench_devices`), then the parts
     merged into OUT's results and report, also when a device failed or stopped early."""
-    from .bench_devices import run_on_devices
+    from .bench_devices import check_continuable, layout_of, run_on_devices
 
     out = args.bench_out
-    folders, failed = run_on_devices(argv, devices, seeds, out, args.bench_resume)
-    done = {f: load_results(f) for f in folders if os.path.exists(os.path.join(f, RESULTS))}
-    if done:
-        merged = merge_results(done)
-        path = os.path.join(out, RESULTS)
-        before = load_results(out).get("devices_commands", []) if os.path.exists(path) else []  # --resume
-        merged["devices_commands"] = before + [" ".join(shlex.quote(a) for a in ["mixtrain", *argv])]
-        _write_json(path, merged)
-        report, _ = write_report(out, merged)
-        missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
-        print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"
-              + (f"; {len(missing)} runs still missing, continue with the same command plus --resume" if missing else ""),
-              flush=True)
-    if failed:
-        raise MixtrainError("the bench failed on " + "; ".join(failed))
+    layout = layout_of(out, devices, seeds)
+    check_continuable(out, layout, args.bench_resume)
+    failed = run_on_devices(argv, layout)
+    problems = ["the bench failed on " + "; ".join(failed)] if failed else []
+    done = {f: load_results(f) for f in layout if os.path.exists(os.path.join(f, RESULTS))}
+    try:
+        if done:
+            merged = merge_results(done)
+            path = os.path.join(out, RESULTS)
+            before = load_results(out).get("devices_commands", []) if os.path.exists(path) else []  # --resume
+            merged["devices_commands"] = before + [" ".join(shlex.quote(a) for a in ["mixtrain", *argv])]
+            merged["devices"] = layout
+            _write_json(path, merged)
+            report, _ = write_report(out, merged)
+            missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
+            print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"
+                  + (f"; {len(missing)} runs still missing, continue with the same command plus --resume" if missing else ""),
+                  flush=True)
+    except MixtrainError as e:  # e.g. parts measured on different GPU models: say it with any failure
+        problems.append(str(e))
+    if problems:
+        raise MixtrainError("; ".join(problems))
 
 
 def merge_results(parts: dict[str, dict]) -> dict:
@@ -833,10 +843,13 @@ def merge_results(parts: dict[str, dict]) -> dict:
 
 def cmd_report(args):
     if args.merge:
-        sources = [d for d in args.merge.split(",") if d]
+        sources = [d.strip() for d in args.merge.split(",") if d.strip()]
+        real = [os.path.realpath(d) for d in sources]
+        if len(set(real)) < len(real):
+            raise MixtrainError(f"--merge names a folder twice: {args.merge}")
         if len(sources) < 2:
             raise MixtrainError("--merge takes two or more bench folders, comma-separated")
-        if os.path.exists(os.path.join(args.dir, RESULTS)) and args.dir not in sources:
+        if os.path.exists(os.path.join(args.dir, RESULTS)):  # never over a bench, a part included
             raise MixtrainError(f"{os.path.join(args.dir, RESULTS)} already exists: merge into a new folder")
         merged = merge_results({d: load_results(d) for d in sources})
         os.makedirs(args.dir, exist_ok=True)

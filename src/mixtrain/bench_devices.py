@@ -26,6 +26,9 @@ PARTS = "parts"
 
 def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:
     """``seeds`` dealt out to ``devices`` in turn; every device gets at least one."""
+    twice = sorted({d for d in devices if d.startswith("cuda") and devices.count(d) > 1})  # cpu,cpu: two processes
+    if twice:
+        raise MixtrainError(f"--devices names {', '.join(twice)} more than once: two benches on one GPU would time each other")
     if len(devices) > len(seeds):
         raise MixtrainError(f"--devices names {len(devices)} devices but there are {len(seeds)} seeds: each device "
                             "runs whole seeds, so give at least one seed per device (--seeds)")
@@ -43,7 +46,7 @@ def isolate(device: str, visible: str | None) -> tuple[str, dict]:
     if not (device.startswith("cuda:") and device[5:].isdigit()):
         return device, {}
     n = int(device[5:])
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else None  # "": no GPU
     if ids is not None and n >= len(ids):
         raise MixtrainError(f"--devices: {device} asked for, but CUDA_VISIBLE_DEVICES={visible} shows {len(ids)} GPU(s)")
     return "cuda", {"CUDA_VISIBLE_DEVICES": ids[n] if ids is not None else str(n)}
@@ -64,34 +67,58 @@ def _relay(stream, prefix: str, tail: list[str]):
         del tail[:-5]
 
 
-def run_on_devices(argv: list[str], devices: list[str], seeds: list[int], out: str, resume: bool) -> tuple[list[str], list[str]]:
-    """Run one bench process per device at once and wait for all; returns their part folders and
-    the devices whose bench failed (each with its exit status and last line)."""
-    from .bench import RESULTS
+def layout_of(out: str, devices: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Which part folder runs which device and seeds (kept in the merged results, so that a
+    resumed bench deals them out the same way)."""
+    return {part_dir(out, i, d): {"device": d, "seeds": own} for i, (d, own) in enumerate(zip(devices, deal_seeds(seeds, devices)))}
+
+
+def by_part(layout: dict) -> dict:
+    return {os.path.basename(os.path.normpath(k)): v for k, v in layout.items()}
+
+
+def check_continuable(out: str, layout: dict, resume: bool):
+    """A --devices bench in ``out`` is new, or continued (``resume``) with the same devices and seeds."""
+    from .bench import RESULTS, load_results
 
     merged = os.path.join(out, RESULTS)
-    if os.path.exists(merged) and not resume:
+    if not os.path.exists(merged):
+        return
+    if not resume:
         raise MixtrainError(f"{merged} already exists: pass --resume to continue that bench, or choose another --out")
-    if resume and os.path.exists(merged) and not os.path.isdir(os.path.join(out, PARTS)):
+    before = load_results(out).get("devices")
+    if before is None:
         raise MixtrainError(f"{out} holds a bench run in one process: continue it without --devices")
-    dealt = deal_seeds(seeds, devices)
-    isolated = [isolate(d, os.environ.get("CUDA_VISIBLE_DEVICES")) for d in devices]  # every error before any start
+    if by_part(before) != by_part(layout):  # OUT may be spelt differently this time
+        was = "; ".join(f"{v['device']} seeds {','.join(map(str, v['seeds']))}" for v in before.values())
+        raise MixtrainError(f"{out} was run as {was}: continue it with the same --devices and --seeds")
+
+
+def run_on_devices(argv: list[str], layout: dict[str, dict]) -> list[str]:
+    """Run one bench process per part of ``layout`` at once and wait for all; returns the devices
+    whose bench failed (each with its exit status and last line). An interrupted wait stops them."""
+    isolated = [isolate(v["device"], os.environ.get("CUDA_VISIBLE_DEVICES")) for v in layout.values()]  # errors first
     children = []
-    for i, (device, own, (own_device, own_env)) in enumerate(zip(devices, dealt, isolated)):
-        folder = part_dir(out, i, device)
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, own_device, own, folder)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **own_env}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        tail: list[str] = []
-        relay = threading.Thread(target=_relay, args=(proc.stdout, f"[{device} seeds {','.join(map(str, own))}]", tail),
-                                 daemon=True)
-        relay.start()
-        children.append((device, folder, proc, relay, tail))
-    failed = []
-    for device, folder, proc, relay, tail in children:
-        proc.wait()
-        relay.join()
-        if proc.returncode != 0:
-            failed.append(f"{device} (exit {proc.returncode}: {tail[-1] if tail else 'no output'})")
-    return [folder for _, folder, *_ in children], failed
+    try:
+        for (folder, part), (own_device, own_env) in zip(layout.items(), isolated):
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, own_device, part["seeds"], folder)]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **own_env}
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                                    errors="replace", env=env)
+            tail: list[str] = []
+            prefix = f"[{part['device']} seeds {','.join(map(str, part['seeds']))}]"
+            relay = threading.Thread(target=_relay, args=(proc.stdout, prefix, tail), daemon=True)
+            relay.start()
+            children.append((part["device"], proc, relay, tail))
+        failed = []
+        for device, proc, relay, tail in children:
+            proc.wait()
+            relay.join()
+            if proc.returncode != 0:
+                failed.append(f"{device} (exit {proc.returncode}: {tail[-1] if tail else 'no output'})")
+        return failed
+    finally:
+        for _, proc, _, _ in children:  # nothing left running after an interrupt or an error here
+            if proc.poll() is None:
+                proc.terminate()
