@@ -98,12 +98,13 @@ def parse_variant(v: str) -> tuple[int, bool, float | None]:
     return int(procs), tag == "eager", bucket
 
 
-def run_command(args, variant: str, method: str, seed: int, out: str) -> list[str]:
+def run_command(args, variant: str, method: str, seed: int, out: str, epochs: int | None = None) -> list[str]:
+    """The command of one run (``epochs``: instead of ``--epochs``, for the warm-up)."""
     procs, eager, bucket = parse_variant(variant)
     if args.batch % procs:
         raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
     train = ["-m", "mixtrain", "train", "--data", args.data, "--model", args.model, "--method", method,
-             "--epochs", str(args.epochs), "--seed", str(seed), "--batch-size", str(args.batch // procs),
+             "--epochs", str(args.epochs if epochs is None else epochs), "--seed", str(seed), "--batch-size", str(args.batch // procs),
              "--out", out, "--progress", "none", "--save-checkpoints", "off", *folder_options(args), *shlex.split(args.extra)]
     if eager:
         train += ["--cuda-graph", "off"]
@@ -147,16 +148,18 @@ def child_env() -> dict:
     return env
 
 
+def launch(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``cmd`` to its end: the finished process and its record (command, wall-clock seconds)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    return r, {"command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
+               "process_seconds": time.perf_counter() - t0}
+
+
 def warm_up(args, method: str, seed: int) -> dict:
     """The untimed warm-up: ``method`` on one process for ``--warmup-epochs`` epochs; its record is
     kept in the session, never in the table."""
-    out = os.path.join(args.out, "runs", "warmup")
-    cmd = run_command(args, "1", method, seed, out)
-    cmd[cmd.index("--epochs") + 1] = str(args.warmup_epochs)
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-    rec = {"command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
-           "process_seconds": time.perf_counter() - t0}
+    r, rec = launch(run_command(args, "1", method, seed, os.path.join(args.out, "runs", "warmup"), args.warmup_epochs))
     if r.returncode != 0:
         raise SystemExit(f"error: the warm-up run failed: {((r.stderr or r.stdout).strip().splitlines() or ['no output'])[-1]}")
     return rec
@@ -164,12 +167,8 @@ def warm_up(args, method: str, seed: int) -> dict:
 
 def one_run(args, variant: str, method: str, seed: int) -> dict:
     out = os.path.join(args.out, "runs", f"{method}-{variant}-s{seed}")
-    cmd = run_command(args, variant, method, seed, out)
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
-    rec = {"variant": variant, "processes": parse_variant(variant)[0], "method": method, "seed": seed,
-           "command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python3"),
-           "process_seconds": time.perf_counter() - t0}
+    r, launched = launch(run_command(args, variant, method, seed, out))
+    rec = {"variant": variant, "processes": parse_variant(variant)[0], "method": method, "seed": seed, **launched}
     if r.returncode != 0:
         rec["error"] = (r.stderr or r.stdout)[-2000:]
         return rec

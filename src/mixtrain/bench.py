@@ -589,14 +589,21 @@ def _versions_with_commit() -> dict:
     return vers
 
 
-def _open_results(out: str, setup: dict, dev: dict, vers: dict, resume: bool) -> dict:
-    """The results of the bench in ``out`` when it is continued (``resume``), else new empty ones;
-    an existing bench is never overwritten."""
+def existing_results(out: str, resume: bool) -> dict | None:
+    """The results of the bench already in ``out`` when it is continued (``resume``), else None;
+    an existing bench without ``resume`` is an error: it is never overwritten."""
     path = os.path.join(out, RESULTS)
-    if os.path.exists(path) and not resume:
+    if not os.path.exists(path):
+        return None
+    if not resume:
         raise MixtrainError(f"{path} already exists: pass --resume to continue that bench, or choose another --out")
-    if resume and os.path.exists(path):
-        results = load_results(out)
+    return load_results(out)
+
+
+def _open_results(out: str, setup: dict, dev: dict, vers: dict, resume: bool) -> dict:
+    """The results of the bench in ``out`` when it is continued (``resume``), else new empty ones."""
+    results = existing_results(out, resume)
+    if results is not None:
         if results.get("devices"):
             raise MixtrainError(f"{out} was run with --devices (one bench process per device, merged): continue it "
                                 "with the same --devices and --resume")
@@ -766,35 +773,34 @@ def cmd_bench(args):
                             resume=False)
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(shlex.quote(a) for a in ["mixtrain", *argv])
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if devices:
-        return _bench_on_devices(args, argv, devices, seeds)
-    command = " ".join(shlex.quote(a) for a in ["mixtrain", *argv])
+        return _bench_on_devices(args, argv, command, devices, seeds)
     results = run_bench(base, methods, epochs, seeds, args.bench_out, command, args.bench_resume, args.stop_after)
     missing = [k for k in results["planned"] if k not in {r["key"] for r in results["runs"]}]
     if missing:
         print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
 
 
-def _bench_on_devices(args, argv: list[str], devices: list[str], seeds: list[int]):
+def _bench_on_devices(args, argv: list[str], command: str, devices: list[str], seeds: list[int]):
     """``--devices``: one bench process per device (:mod:`mixtrain.bench_devices`), then the parts
     merged into OUT's results and report, also when a device failed or stopped early."""
-    from .bench_devices import check_continuable, layout_of, run_on_devices
+    from .bench_devices import check_continuable, layout_of, part_dir, run_on_devices
 
     out = args.bench_out
-    layout = layout_of(out, devices, seeds)
-    check_continuable(out, layout, args.bench_resume)
-    failed = run_on_devices(argv, layout)
+    layout = layout_of(devices, seeds)
+    before = check_continuable(out, layout, args.bench_resume) or {}
+    failed = run_on_devices(argv, out, layout)
     problems = ["the bench failed on " + "; ".join(failed)] if failed else []
-    done = {f: load_results(f) for f in layout if os.path.exists(os.path.join(f, RESULTS))}
+    folders = [part_dir(out, name) for name in layout]
+    done = {f: load_results(f) for f in folders if os.path.exists(os.path.join(f, RESULTS))}
     try:
         if done:
             merged = merge_results(done)
-            path = os.path.join(out, RESULTS)
-            before = load_results(out).get("devices_commands", []) if os.path.exists(path) else []  # --resume
-            merged["devices_commands"] = before + [" ".join(shlex.quote(a) for a in ["mixtrain", *argv])]
+            merged["devices_commands"] = before.get("devices_commands", []) + [command]
             merged["devices"] = layout
-            _write_json(path, merged)
+            _write_json(os.path.join(out, RESULTS), merged)
             report, _ = write_report(out, merged)
             missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
             print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"

@@ -35,8 +35,9 @@ def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:
     return [seeds[i :: len(devices)] for i in range(len(devices))]
 
 
-def part_dir(out: str, i: int, device: str) -> str:
-    return os.path.join(out, PARTS, f"{i}-{device.replace(':', '')}")
+def part_dir(out: str, part: str) -> str:
+    """The folder of the part named ``part`` (a key of :func:`layout_of`) of the bench in ``out``."""
+    return os.path.join(out, PARTS, part)
 
 
 def isolate(device: str, visible: str | None) -> tuple[str, dict]:
@@ -67,40 +68,38 @@ def _relay(stream, prefix: str, tail: list[str]):
         del tail[:-5]
 
 
-def layout_of(out: str, devices: list[str], seeds: list[int]) -> dict[str, dict]:
-    """Which part folder runs which device and seeds (kept in the merged results, so that a
-    resumed bench deals them out the same way)."""
-    return {part_dir(out, i, d): {"device": d, "seeds": own} for i, (d, own) in enumerate(zip(devices, deal_seeds(seeds, devices)))}
+def layout_of(devices: list[str], seeds: list[int]) -> dict[str, dict]:
+    """Which part (``<i>-<device>``, a folder under ``OUT/parts``) runs which device and seeds; kept
+    in the merged results, so that a resumed bench deals them out the same way."""
+    dealt = deal_seeds(seeds, devices)
+    return {f"{i}-{d.replace(':', '')}": {"device": d, "seeds": own} for i, (d, own) in enumerate(zip(devices, dealt))}
 
 
-def by_part(layout: dict) -> dict:
-    return {os.path.basename(os.path.normpath(k)): v for k, v in layout.items()}
+def check_continuable(out: str, layout: dict, resume: bool) -> dict | None:
+    """A --devices bench in ``out`` is new, or continued (``resume``) with the same devices and seeds;
+    returns its merged results so far (None when new)."""
+    from .bench import existing_results
 
-
-def check_continuable(out: str, layout: dict, resume: bool):
-    """A --devices bench in ``out`` is new, or continued (``resume``) with the same devices and seeds."""
-    from .bench import RESULTS, load_results
-
-    merged = os.path.join(out, RESULTS)
-    if not os.path.exists(merged):
-        return
-    if not resume:
-        raise MixtrainError(f"{merged} already exists: pass --resume to continue that bench, or choose another --out")
-    before = load_results(out).get("devices")
+    results = existing_results(out, resume)
+    if results is None:
+        return None
+    before = results.get("devices")
     if before is None:
         raise MixtrainError(f"{out} holds a bench run in one process: continue it without --devices")
-    if by_part(before) != by_part(layout):  # OUT may be spelt differently this time
+    if before != layout:
         was = "; ".join(f"{v['device']} seeds {','.join(map(str, v['seeds']))}" for v in before.values())
         raise MixtrainError(f"{out} was run as {was}: continue it with the same --devices and --seeds")
+    return results
 
 
-def run_on_devices(argv: list[str], layout: dict[str, dict]) -> list[str]:
+def run_on_devices(argv: list[str], out: str, layout: dict[str, dict]) -> list[str]:
     """Run one bench process per part of ``layout`` at once and wait for all; returns the devices
     whose bench failed (each with its exit status and last line). An interrupted wait stops them."""
     isolated = [isolate(v["device"], os.environ.get("CUDA_VISIBLE_DEVICES")) for v in layout.values()]  # errors first
     children = []
     try:
-        for (folder, part), (own_device, own_env) in zip(layout.items(), isolated):
+        for (name, part), (own_device, own_env) in zip(layout.items(), isolated):
+            folder = part_dir(out, name)
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             cmd = [sys.executable, "-m", "mixtrain", *child_argv(argv, own_device, part["seeds"], folder)]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **own_env}
