@@ -54,6 +54,7 @@ from mixtrain.compose import Normalizer, pool_masks  # noqa: E402
 from mixtrain.data import load_data  # noqa: E402
 from mixtrain.errors import MixtrainError  # noqa: E402
 from mixtrain.models import adapt, create_model  # noqa: E402
+from mixtrain.plan import quad_boxes  # noqa: E402
 from mixtrain.trainer import resolve_device, versions  # noqa: E402
 
 
@@ -103,11 +104,8 @@ def region_masks(grid: tuple[int, int], kind: str, n: int, device) -> torch.Tens
     """Pooling weights [n, K, gh, gw] of the pair's halves or the quad's quadrants (each sums to 1):
     the training step's own :func:`~mixtrain.compose.pool_masks` of those boxes (grid cells)."""
     gh, gw = grid
-    my, mx = gh // 2, gw // 2
-    if kind == "pair":
-        boxes = [(0, 0, gh, mx), (0, mx, gh, gw)]
-    else:
-        boxes = [(0, 0, my, mx), (0, mx, my, gw), (my, 0, gh, mx), (my, mx, gh, gw)]
+    mx = gw // 2
+    boxes = [(0, 0, gh, mx), (0, mx, gh, gw)] if kind == "pair" else quad_boxes(grid)  # the plan's own quadrants
     m = pool_masks(torch.tensor(boxes, dtype=torch.float32, device=device), grid)
     return m.expand(n, *m.shape).contiguous()
 
