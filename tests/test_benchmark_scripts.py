@@ -334,3 +334,50 @@ def test_interference_probe_reads_a_finished_run(tmp_path):
     assert 0 < row["pair"]["leak_median"] < 10 and 0 < row["quad"]["leak_median"] < 10
     with pytest.raises(SystemExit, match="^error: --from-runs .*no such run folder"):
         probe.main(["--from-runs", str(tmp_path / "none"), "--out", str(tmp_path / "q")])
+
+
+def test_stage_parts_splits_folders_into_calls_that_rebuild_them(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    stage = load_script("stage_parts")
+    repo = tmp_path / "repo"
+    (repo / "data" / "photos" / "cat").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "README.md").write_text("checkout\n")
+    subprocess.run(["git", "add", "README.md"], cwd=repo, check=True)
+    rng = __import__("random").Random(0)
+    files = {f"photos/cat/{i}.jpg": bytes(rng.getrandbits(8) for _ in range(40_000)) for i in range(6)}
+    for name, blob in files.items():
+        (repo / "data" / name).write_bytes(blob)
+    other = tmp_path / "npz"
+    other.mkdir()
+    (other / "train.npz").write_bytes(b"x" * 70_000)
+    monkeypatch.chdir(repo)
+
+    assert stage.main(["data/photos", str(other), "--out", ".stage", "--dest", str(tmp_path / "dest"),
+                       "--part-mib", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    parts = sorted((repo / ".stage").glob("*/p"))
+    total = sum(p.stat().st_size for p in parts)
+    assert len(parts) == stage.part_count(total, int(0.1 * 2**20) - stage.BLOCK) >= 3
+    assert max(p.stat().st_size for p in parts) <= 0.1 * 2**20
+    assert "/.stage/" in (repo / ".git" / "info" / "exclude").read_text()
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout.count(".stage") == 0
+    # run the printed calls in order, as the GPU machine would (the last one's work: `true`)
+    commands = [line.split("command: ", 1)[1].replace(" <the work>", " true") for line in printed.splitlines()
+                if "command: " in line]
+    assert len(commands) == len(parts)
+    for cmd in commands:
+        subprocess.run(["bash", "-c", cmd], cwd=repo, check=True)
+    for name, blob in files.items():
+        assert (tmp_path / "dest" / name).read_bytes() == blob
+    assert (tmp_path / "dest" / "npz" / "train.npz").read_bytes() == b"x" * 70_000
+    assert not (tmp_path / "dest.parts").exists()
+
+
+def test_stage_parts_sizes_parts_by_what_the_checkout_leaves(tmp_path):
+    stage = load_script("stage_parts")
+    assert stage.disk_usage([1, 4096, 4097]) == 4096 * 4
+    assert stage.part_count(100, 50) == 2 and stage.part_count(101, 50) == 3 and stage.part_count(1, 50) == 1
+    with pytest.raises(ValueError):
+        stage.part_count(100, 0)
