@@ -17,7 +17,10 @@ Needs only the standard library; writes nothing outside ``--out`` except one lin
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,11 +39,17 @@ def disk_usage(sizes) -> int:
 
 
 def checkout_usage(repo: Path) -> int:
-    """Disk usage of the files a call sends without being asked: tracked and untracked-not-ignored."""
+    """Disk usage of what a call sends without being asked: the tracked and untracked-not-ignored
+    files, a block per folder that holds them, and ``shared/`` where the checkout has one."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
                          capture_output=True, check=True).stdout
-    names = [n for n in out.decode().split("\0") if n]
-    return disk_usage((repo / n).stat().st_size for n in names if (repo / n).is_file())
+    paths = [repo / n for n in out.decode().split("\0") if n]
+    shared = repo / "shared"
+    if shared.is_dir():
+        paths += [Path(d) / f for d, _, files in os.walk(shared) for f in files]
+    files = [q for q in paths if q.is_file() and not q.is_symlink()]
+    folders = {q.parent for q in files}
+    return disk_usage(q.stat().st_size for q in files) + BLOCK * len(folders)
 
 
 def part_count(total: int, room: int) -> int:
@@ -71,15 +80,41 @@ def split_file(path: Path, parts: int, out: Path) -> list[Path]:
 
 def calls(out: str, parts: int, dest: str) -> list[tuple[str, str]]:
     """(carry, command) of each call; the last command ends in ``&&``, ready for the work."""
+    dest = dest.rstrip("/") or "/"
+    q = shlex.quote
     spool = f"{dest}.parts"
     result = []
     for i in range(1, parts + 1):
-        cmd = f"mkdir -p {spool} {dest} && cp {out}/{i}/p {spool}/{i}"
+        cmd = f"mkdir -p {q(spool)} {q(dest)} && cp {q(f'{out}/{i}/p')} {q(f'{spool}/{i}')}"
         if i == parts:
-            joined = " ".join(f"{spool}/{j}" for j in range(1, parts + 1))
-            cmd += f" && cat {joined} | tar xf - -C {dest} && rm -rf {spool} &&"
-        result.append((f'["{out}/{i}"]', cmd))
+            joined = " ".join(q(f"{spool}/{j}") for j in range(1, parts + 1))
+            cmd += f" && cat {joined} | tar xf - -C {q(dest)} && rm -rf {q(spool)} &&"
+        result.append((json.dumps([f"{out}/{i}"]), cmd))
     return result
+
+
+def is_our_output(out: Path) -> bool:
+    """Whether ``out`` holds nothing but parts this script wrote (``1/p``, ``2/p``, ...)."""
+    for entry in out.iterdir():
+        if not (entry.is_dir() and not entry.is_symlink() and entry.name.isdigit()
+                and [c.name for c in entry.iterdir()] in ([], ["p"])):
+            return False
+    return True
+
+
+def check_out(repo: Path, out_arg: str, folders: list[Path]) -> str:
+    """The problem with ``--out`` as one line, or "" when it is a safe place for the parts."""
+    out = Path(out_arg)
+    if out.is_absolute() or ".." in out.parts or out_arg.strip() in ("", ".") or out == Path("."):
+        return f"--out must name a new folder inside the repository, got {out_arg!r}"
+    target = (repo / out).resolve()
+    for f in folders:
+        src = f.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            return f"--out {out_arg} overlaps the staged folder {f}"
+    if target.exists() and not (target.is_dir() and is_our_output(target)):
+        return f"--out {out_arg} exists and holds more than staged parts; name a new folder"
+    return ""
 
 
 def exclude(repo: Path, out: str):
@@ -104,38 +139,50 @@ def main(argv=None) -> int:
                    help="largest part in MiB (default: what fits beside the checkout in one call)")
     args = p.parse_args(argv)
 
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     repo = Path.cwd()
-    out = Path(args.out)
-    if out.is_absolute() or ".." in out.parts:
-        print(f"error: --out must be a folder inside the repository, got {args.out}", file=sys.stderr)
+    if top.returncode or Path(top.stdout.strip()).resolve() != repo.resolve():
+        print("error: run stage_parts.py from the repository's root (a call carries paths relative to it)",
+              file=sys.stderr)
         return 2
     folders = [Path(f) for f in args.folders]
     for f in folders:
         if not f.is_dir():
             print(f"error: {f} is not a folder", file=sys.stderr)
             return 2
-    names = [f.resolve().name for f in folders]
+    names = [Path(os.path.abspath(f)).name for f in folders]
     if len(set(names)) != len(names):
         print(f"error: two folders share a name ({', '.join(names)}); they would land in the same place",
               file=sys.stderr)
         return 2
+    problem = check_out(repo, args.out, folders)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    exclude(repo, str(out))  # first: parts left by an earlier run must not count as checkout
+    room = CALL_LIMIT - checkout_usage(repo) - MARGIN
+    if args.part_mib > 0:
+        if args.part_mib * 2**20 > room:
+            print(f"error: --part-mib {args.part_mib:g} is more than fits beside the checkout in one call "
+                  f"({room / 2**20:.1f} MiB)", file=sys.stderr)
+            return 2
+        room = int(args.part_mib * 2**20)
     if out.exists():
         shutil.rmtree(out)
 
     with tempfile.TemporaryDirectory() as tmp:
         tar_path = Path(tmp) / "stage.tar"
-        with tarfile.open(tar_path, "w") as tar:
+        with tarfile.open(tar_path, "w", dereference=True) as tar:  # links travel as what they point to
             for f, name in zip(folders, names):
                 tar.add(f, arcname=name)
         total = tar_path.stat().st_size
-        room = int(args.part_mib * 2**20) if args.part_mib > 0 else CALL_LIMIT - checkout_usage(repo) - MARGIN
         try:
             n = part_count(total, room - BLOCK)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         split_file(tar_path, n, out)
-    exclude(repo, str(out))
 
     print(f"{total / 2**20:.1f} MiB in {n} part(s) of at most {room / 2**20:.1f} MiB under {out}/; "
           f"make these {n} device calls back to back (each within 30 s of the last):")

@@ -336,25 +336,48 @@ def test_interference_probe_reads_a_finished_run(tmp_path):
         probe.main(["--from-runs", str(tmp_path / "none"), "--out", str(tmp_path / "q")])
 
 
-def test_stage_parts_splits_folders_into_calls_that_rebuild_them(tmp_path, monkeypatch, capsys):
+def _stage_repo(tmp_path, monkeypatch):
+    """A git checkout with one tracked file and a data folder of six incompressible files."""
+    import random
     import subprocess
 
-    stage = load_script("stage_parts")
     repo = tmp_path / "repo"
     (repo / "data" / "photos" / "cat").mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     (repo / "README.md").write_text("checkout\n")
     subprocess.run(["git", "add", "README.md"], cwd=repo, check=True)
-    rng = __import__("random").Random(0)
-    files = {f"photos/cat/{i}.jpg": bytes(rng.getrandbits(8) for _ in range(40_000)) for i in range(6)}
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "exclude").write_text("/data/\n")  # data stays out of the checkout, as here
+    rng = random.Random(0)
+    files = {f"photos/cat/{i}.jpg": rng.randbytes(40_000) for i in range(6)}
     for name, blob in files.items():
         (repo / "data" / name).write_bytes(blob)
+    monkeypatch.chdir(repo)
+    return repo, files
+
+
+def _run_printed_calls(printed, repo, work="true"):
+    import subprocess
+
+    commands = [line.split("command: ", 1)[1].replace(" <the work>", f" {work}") for line in printed.splitlines()
+                if "command: " in line]
+    for cmd in commands:
+        subprocess.run(["bash", "-c", cmd], cwd=repo, check=True)
+    return commands
+
+
+def test_stage_parts_splits_folders_into_calls_that_rebuild_them(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    stage = load_script("stage_parts")
+    repo, files = _stage_repo(tmp_path, monkeypatch)
     other = tmp_path / "npz"
     other.mkdir()
     (other / "train.npz").write_bytes(b"x" * 70_000)
-    monkeypatch.chdir(repo)
+    (repo / "data" / "linked").symlink_to(other)  # a folder given as a link travels as its content
+    dest = tmp_path / "my data"  # a space: the printed commands must quote
 
-    assert stage.main(["data/photos", str(other), "--out", ".stage", "--dest", str(tmp_path / "dest"),
+    assert stage.main(["data/photos/", "data/linked", "--out", ".stage", "--dest", str(dest),
                        "--part-mib", "0.1"]) == 0
     printed = capsys.readouterr().out
     parts = sorted((repo / ".stage").glob("*/p"))
@@ -362,22 +385,62 @@ def test_stage_parts_splits_folders_into_calls_that_rebuild_them(tmp_path, monke
     assert len(parts) == stage.part_count(total, int(0.1 * 2**20) - stage.BLOCK) >= 3
     assert max(p.stat().st_size for p in parts) <= 0.1 * 2**20
     assert "/.stage/" in (repo / ".git" / "info" / "exclude").read_text()
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout.count(".stage") == 0
+    assert ".stage" not in subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                                          text=True).stdout
     # run the printed calls in order, as the GPU machine would (the last one's work: `true`)
-    commands = [line.split("command: ", 1)[1].replace(" <the work>", " true") for line in printed.splitlines()
-                if "command: " in line]
-    assert len(commands) == len(parts)
-    for cmd in commands:
-        subprocess.run(["bash", "-c", cmd], cwd=repo, check=True)
+    assert len(_run_printed_calls(printed, repo)) == len(parts)
     for name, blob in files.items():
-        assert (tmp_path / "dest" / name).read_bytes() == blob
-    assert (tmp_path / "dest" / "npz" / "train.npz").read_bytes() == b"x" * 70_000
-    assert not (tmp_path / "dest.parts").exists()
+        assert (dest / name).read_bytes() == blob
+    assert (dest / "linked" / "train.npz").read_bytes() == b"x" * 70_000
+    assert not (tmp_path / "my data.parts").exists()
+
+    # staging again replaces its own parts; one part is one call that unpacks at once
+    assert stage.main(["data/photos", "--out", ".stage", "--dest", str(tmp_path / "again")]) == 0
+    assert sorted(p.relative_to(repo).as_posix() for p in (repo / ".stage").rglob("*")) == [".stage/1", ".stage/1/p"]
+    assert len(_run_printed_calls(capsys.readouterr().out, repo)) == 1
+    assert (tmp_path / "again" / "photos" / "cat" / "0.jpg").read_bytes() == files["photos/cat/0.jpg"]
 
 
-def test_stage_parts_sizes_parts_by_what_the_checkout_leaves(tmp_path):
+def test_stage_parts_sizes_parts_by_what_the_checkout_leaves(tmp_path, monkeypatch, capsys):
     stage = load_script("stage_parts")
     assert stage.disk_usage([1, 4096, 4097]) == 4096 * 4
     assert stage.part_count(100, 50) == 2 and stage.part_count(101, 50) == 3 and stage.part_count(1, 50) == 1
     with pytest.raises(ValueError):
         stage.part_count(100, 0)
+
+    repo, _ = _stage_repo(tmp_path, monkeypatch)
+    (repo / "notes.txt").write_text("untracked, not ignored: travels with every call\n")
+    checkout = stage.checkout_usage(repo)
+    assert checkout == 2 * stage.BLOCK + stage.BLOCK  # two small files, one folder
+    monkeypatch.setattr(stage, "CALL_LIMIT", checkout + stage.MARGIN + 100_000)
+    assert stage.main(["data/photos", "--out", ".stage"]) == 0
+    parts = sorted((repo / ".stage").glob("*/p"))
+    assert len(parts) >= 3
+    assert all(stage.disk_usage([p.stat().st_size]) + checkout <= stage.CALL_LIMIT - stage.MARGIN for p in parts)
+    capsys.readouterr()
+    # a --part-mib that cannot fit beside the checkout is refused, not printed as calls that fail
+    assert stage.main(["data/photos", "--out", ".stage", "--part-mib", "1"]) == 2
+    assert "more than fits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", [".", "", "data", "data/photos", "data/photos/deeper", "keep"])
+def test_stage_parts_never_deletes_what_it_did_not_write(tmp_path, monkeypatch, capsys, out):
+    stage = load_script("stage_parts")
+    repo, files = _stage_repo(tmp_path, monkeypatch)
+    (repo / "keep").mkdir()
+    (repo / "keep" / "mine.txt").write_text("not a part")
+    assert stage.main(["data/photos", "--out", out, "--part-mib", "0.1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --out")
+    assert (repo / "keep" / "mine.txt").read_text() == "not a part" and (repo / ".git").is_dir()
+    assert all((repo / "data" / name).read_bytes() == blob for name, blob in files.items())
+
+
+def test_stage_parts_runs_from_the_repository_root_only(tmp_path, monkeypatch, capsys):
+    stage = load_script("stage_parts")
+    repo, _ = _stage_repo(tmp_path, monkeypatch)
+    monkeypatch.chdir(repo / "data")
+    assert stage.main(["photos", "--out", ".stage"]) == 2
+    assert "repository's root" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # not a checkout at all
+    assert stage.main([str(repo / "data" / "photos"), "--out", ".stage"]) == 2
+    assert "repository's root" in capsys.readouterr().err
