@@ -101,8 +101,6 @@ def parse_variant(v: str) -> tuple[int, bool, float | None]:
 def run_command(args, variant: str, method: str, seed: int, out: str, epochs: int | None = None) -> list[str]:
     """The command of one run (``epochs``: instead of ``--epochs``, for the warm-up)."""
     procs, eager, bucket = parse_variant(variant)
-    if args.batch % procs:
-        raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
     train = ["-m", "mixtrain", "train", "--data", args.data, "--model", args.model, "--method", method,
              "--epochs", str(args.epochs if epochs is None else epochs), "--seed", str(seed), "--batch-size", str(args.batch // procs),
              "--out", out, "--progress", "none", "--save-checkpoints", "off", *folder_options(args), *shlex.split(args.extra)]
@@ -258,13 +256,15 @@ def main(argv=None) -> int:
     if args.smoke:
         args.data, args.model, args.epochs, args.batch = "digits", "digitnet", 2, 64
         args.extra = (args.extra + " --device cpu --lr 0.05").strip()
+    methods = [m for m in args.methods.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:  # every refusal before the folder is generated and the warm-up runs
+        procs = parse_variant(v)[0]
+        if args.batch % procs:
+            raise SystemExit(f"error: --batch {args.batch} does not split evenly over {procs} processes")
     folder = generated_folder(args) if args.generate_images else None
     if not args.data:
         raise SystemExit("error: --data is required (or --generate-images, or --smoke)")
-    methods = [m for m in args.methods.split(",") if m]
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        parse_variant(v)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     os.makedirs(args.out, exist_ok=True)
     session = {"data": args.data, "model": args.model, "epochs": args.epochs, "batch": args.batch,

@@ -209,12 +209,26 @@ def _tiny_npz(folder):
     return folder
 
 
+def _bench_argv(data, out, *extra):
+    return ["bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off", "--batch-size", "32", "--lr", "0.05",
+            "--mix-rule", "all", "--final-unmixed-epochs", "0", "--device", "cpu", "--epochs", "1,2",
+            "--methods", "baseline,mixtrain", "--out", str(out), *extra]
+
+
 def _bench(data, out, *extra):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "mixtrain", "bench", "--data", f"npz:{data}", "--model", "digitnet", "--flip", "off",
-           "--batch-size", "32", "--lr", "0.05", "--mix-rule", "all", "--final-unmixed-epochs", "0", "--device", "cpu", "--epochs", "1,2",
-           "--methods", "baseline,mixtrain", "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", "mixtrain", *_bench_argv(data, out, *extra)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _bench_refused(capsys, data, out, *extra):
+    """The bench command run in this process, for commands refused before any training (saves
+    a Python start per call); returns (exit code, stderr)."""
+    from mixtrain.cli import main
+
+    capsys.readouterr()
+    code = main(_bench_argv(data, out, *extra))
+    return code, capsys.readouterr().err
 
 
 def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
@@ -289,7 +303,7 @@ def test_bench_end_to_end_report_and_resume(tmp_path, capsys):
     assert "missing" not in (out / "report.md").read_text()
 
 
-def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
+def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path, capsys):
     """--devices: one bench process per device, seeds dealt out in turn, one merged report; a
     second invocation needs --resume, and --resume with every run done changes nothing."""
     data = _tiny_npz(tmp_path / "data")
@@ -313,8 +327,8 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     assert commands[1].endswith(f"--devices '' --device cpu --seeds 1,1 --out {out / 'parts' / '1-cpu'}")
     assert f"- Part {out / 'parts' / '1-cpu'}: `{commands[1]}`" in report
 
-    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu")
-    assert p.returncode == 2 and p.stderr.count("error:") == 1 and "pass --resume" in p.stderr
+    code, err = _bench_refused(capsys, data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu")
+    assert code == 2 and err.count("error:") == 1 and "pass --resume" in err
     p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu,cpu", "--resume")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "all 4 runs are already in" in p.stdout and "all 2 runs are already in" in p.stdout
@@ -322,15 +336,15 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path):
     assert again["runs"] == merged["runs"] and len(again["devices_commands"]) == 2
     assert "- Continued with: `" in (out / "report.md").read_text()
     # continued only as it was dealt out: the same devices and seeds, and with --devices
-    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu", "--resume")
-    assert p.returncode == 2 and "was run as cpu seeds 0,2; cpu seeds 1: continue it with the same --devices" in p.stderr
-    p = _bench(data, out, "--seeds", "3", "--epochs", "1", "--resume")
-    assert p.returncode == 2 and "was run with --devices" in p.stderr and p.stderr.count("\n") == 1
+    code, err = _bench_refused(capsys, data, out, "--seeds", "3", "--epochs", "1", "--devices", "cpu", "--resume")
+    assert code == 2 and "was run as cpu seeds 0,2; cpu seeds 1: continue it with the same --devices" in err
+    code, err = _bench_refused(capsys, data, out, "--seeds", "3", "--epochs", "1", "--resume")
+    assert code == 2 and "was run with --devices" in err and err.count("\n") == 1
 
-    p = _bench(data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cuda:0")
-    assert p.returncode == 2 and "2 devices but there are 1 seeds" in p.stderr and p.stderr.count("\n") == 1
-    p = _bench(data, tmp_path / "b2", "--seeds", "2", "--devices", "cuda:0,cuda:0")
-    assert p.returncode == 2 and "names cuda:0 more than once" in p.stderr
+    code, err = _bench_refused(capsys, data, tmp_path / "b2", "--seeds", "1", "--devices", "cpu,cuda:0")
+    assert code == 2 and "2 devices but there are 1 seeds" in err and err.count("\n") == 1
+    code, err = _bench_refused(capsys, data, tmp_path / "b2", "--seeds", "2", "--devices", "cuda:0,cuda:0")
+    assert code == 2 and "names cuda:0 more than once" in err
 
 
 def test_a_device_bench_child_sees_only_its_gpu():
@@ -380,7 +394,7 @@ def test_a_bench_whose_first_method_is_a_variant_runs(tmp_path):
     assert variant["base_method"] == "mixtrain" and variant["options"]["quad_confidence"] == 0.0
 
 
-def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path):
+def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path, capsys):
     # its setup lacks today's ddp_bucket_mb and names lr_warmup and first_unmixed_epochs by their old names
     data = _tiny_npz(tmp_path / "data")
     out = tmp_path / "bench"
@@ -398,5 +412,5 @@ def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path):
     assert {r["key"] for r in json.loads(path.read_text())["runs"]} == {
         f"{m}-e1-s{s}" for m in ("baseline", "mixtrain") for s in (0, 1)}
     # a real difference is still refused, by name
-    p = _bench(data, out, "--seeds", "2", "--epochs", "1", "--resume", "--lr", "0.07")
-    assert p.returncode != 0 and "lr: 0.05 then, 0.07 now" in p.stderr
+    code, err = _bench_refused(capsys, data, out, "--seeds", "2", "--epochs", "1", "--resume", "--lr", "0.07")
+    assert code != 0 and "lr: 0.05 then, 0.07 now" in err

@@ -172,7 +172,8 @@ def test_ddp_scaling_trains_from_a_generated_folder(tmp_path):
 def test_ddp_scaling_rejects_a_batch_that_does_not_split(tmp_path):
     bench = load_script("ddp_scaling")
     with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
-        bench.main(["--smoke", "--variants", "3", "--out", str(tmp_path)])
+        bench.main(["--smoke", "--variants", "1,3", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before the warm-up or any run started
 
 
 def test_epoch_cost_fit_recovers_step_and_epoch_costs(tmp_path):
