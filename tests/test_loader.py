@@ -96,6 +96,25 @@ def test_sampler_yields_each_steps_images_and_every_sample_once():
     assert m.plan.passes < N  # packed
 
 
+def test_each_step_says_what_step_scale_asks_of_its_learning_rate():
+    x, y = images()
+    for method, step_scale, power in (("mixtrain", "linear", 1.0), ("mixtrain", "sqrt", 0.5), ("mixtrain", "none", 0.0),
+                                      ("baseline", "linear", 0.0), ("cutmix", "linear", 0.0)):
+        m = mixer(method=method, opts=MixOptions(first_unmixed_epochs=0, final_unmixed_epochs=1, rule="all",
+                                                 step_scale=step_scale))
+        if method == "mixtrain":
+            confident_half(m)  # quads and pairs: steps carry 2 to 4 samples per pass
+        m.set_epoch(0)
+        ratios = []
+        for ids in m.sampler:
+            step = m.compose(x[ids].float(), y[ids])
+            passes = int(step.valid.any(1).sum())
+            ratio = step.global_samples / passes if method == "mixtrain" else 1.0
+            assert step.lr_factor == pytest.approx(ratio**power)
+            ratios.append(ratio)
+        assert method != "mixtrain" or max(ratios) > 2  # the quads were there to be scaled
+
+
 def test_unmixed_steps_pass_the_images_through_and_baseline_works():
     x, y = images()
     m = mixer(method="baseline", opts=None)

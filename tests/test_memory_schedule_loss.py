@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtrain import LossMemory, MixOptions, MixTrain, sample_stats, separated_loss, soft_label_loss
-from mixtrain.schedule import onecycle_lr, step_lrs
+from mixtrain.schedule import onecycle_lr, step_lrs, step_scale_factors
 
 # ---------------------------------------------------------------------------------------------
 # LossMemory
@@ -118,6 +118,49 @@ def test_step_lrs_depend_on_samples_seen_not_on_the_split():
     # steps that carry no samples (padding) do not advance the schedule
     np.testing.assert_allclose(step_lrs(np.array([10, 0, 10]), 0, total, peak, warm)[[0, 2]],
                                step_lrs(np.array([10, 10]), 0, total, peak, warm))
+
+
+def test_step_scale_factors_follow_samples_per_pass():
+    samples, passes = np.array([64, 128, 100, 0]), np.array([64, 64, 40, 0])
+    np.testing.assert_allclose(step_scale_factors(samples, passes, "none"), [1, 1, 1, 1])
+    np.testing.assert_allclose(step_scale_factors(samples, passes, "linear"), [1, 2, 2.5, 1])
+    np.testing.assert_allclose(step_scale_factors(samples, passes, "sqrt"), [1, 2**0.5, 2.5**0.5, 1])
+
+
+def _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, method, step_scale):
+    """Each step's LR and samples/passes in a one-epoch digits run that mixes from its first step
+    (rule all, pairs only: the plan does not depend on what the run learns, so runs compare step by step)."""
+    from mixtrain import TrainConfig, train
+    from mixtrain.trainer import Trainer
+
+    seen = []
+    original = Trainer.train_step
+
+    def recording(self, batch, images, src, lr, scale=1.0):
+        samples, passes = int(batch.valid.sum()), int(batch.valid.any(1).sum())
+        seen.append((lr, samples / max(1, passes)))
+        return original(self, batch, images, src, lr, scale)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    mix = MixOptions(rule="all", quad_confidence=0.0, first_unmixed_epochs=0, final_unmixed_epochs=0,
+                     step_scale=step_scale)
+    train(TrainConfig(data="digits", method=method, epochs=1, batch_size=64, lr=0.05, seed=0, device="cpu",
+                      out=str(tmp_path / f"{method}-{step_scale}"), progress="none", save_checkpoints=False, mix=mix))
+    return np.array(seen)
+
+
+def test_step_scale_multiplies_each_step_lr_in_the_trainer(tmp_path, monkeypatch):
+    plain = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "none")
+    per_pass = plain[:, 1]
+    assert per_pass.max() == 2.0 and len(plain) == 12  # 1437 samples in pairs: 719 passes, 12 steps
+    for step_scale, power in (("linear", 1.0), ("sqrt", 0.5)):
+        scaled = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", step_scale)
+        np.testing.assert_array_equal(scaled[:, 1], per_pass)  # the same plan, step by step
+        np.testing.assert_allclose(scaled[:, 0], plain[:, 0] * per_pass**power, rtol=1e-12)
+    # CutMix trains one soft-labelled example per pass: its steps are not scaled
+    cut_plain = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "none")
+    cut_scaled = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "linear")
+    np.testing.assert_allclose(cut_scaled[:, 0], cut_plain[:, 0], rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

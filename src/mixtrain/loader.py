@@ -43,6 +43,7 @@ from . import plan as P
 from .compose import Augment, compose_from, geometry, rand_width
 from .errors import MixtrainError
 from .plan import EpochPlan
+from .schedule import step_scale_factors
 from .strategies import MixOptions, Strategy, create_strategy
 
 # the constituents arrive augmented by the user's transforms: the resampling only places them
@@ -71,7 +72,8 @@ class MixStep:
     whether it carries a sample, its share of the composite and its loss weight; ``samples`` the
     samples this process's step carries and ``global_samples`` those of the whole global step (for
     a learning-rate schedule in samples seen); ``scale`` this process's loss weight under DDP (1 on
-    one process); ``epoch`` and ``step`` where it stands.
+    one process); ``epoch`` and ``step`` where it stands; ``lr_factor`` what ``opts.step_scale``
+    asks of this step's learning rate (multiply your schedule's LR by it; 1 under the default).
 
     >>> step = mixer.compose(images, labels)  # doctest: +SKIP
     >>> step.images.shape, step.masks.shape   # doctest: +SKIP
@@ -90,6 +92,7 @@ class MixStep:
     scale: float
     epoch: int
     step: int
+    lr_factor: float = 1.0
 
 
 class _EpochLayout:
@@ -236,6 +239,7 @@ class Mixer:
         opts = opts or MixOptions()
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
         self.loss_per = opts.loss_per
+        self.step_scale = opts.step_scale
         # losses averaged over passes (soft labels, or loss_per="passes") are weighed by passes under DDP
         self.per_pass = self.strategy.averages_over_passes(self.loss_per)
         self.sampler = MixSampler(self)
@@ -340,7 +344,12 @@ class Mixer:
         self.consumed = j + 1
         return MixStep(x, geo.pool if s.separate else None, labels[src], index, valid, share, weight,
                        int(layout.local_samples[j]), int(layout.global_samples[j]), layout.loss_scale(j, self.per_pass),
-                       self.epoch, j)
+                       self.epoch, j, self._lr_factor(layout, j))
+
+    def _lr_factor(self, layout: _EpochLayout, j: int) -> float:
+        if not self.strategy.separate:  # soft-label methods train one example per pass
+            return 1.0
+        return float(step_scale_factors(layout.global_samples[j:j + 1], layout.global_passes[j:j + 1], self.step_scale)[0])
 
     def _checked_step(self, images) -> tuple[_EpochLayout, int]:
         """(the epoch's layout, the step to compose), once ``images`` are known to be that step's

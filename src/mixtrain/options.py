@@ -146,6 +146,11 @@ class MixOptions:
     loss_per: str = option(
         "samples", "batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger "
         "steps when more is mixed)", group=MIXING, choices=("samples", "passes"))
+    step_scale: str = option(
+        "none", "each step's learning rate times (samples it carries / its passes)^k, so a step of composites moves as "
+        "far as the samples it holds: none (k=0), sqrt (k=1/2, the square-root rule, for Adam), linear (k=1, the "
+        "linear scaling rule, for SGD; unlike --loss-per passes the clip still sees the per-sample mean gradient)",
+        group=MIXING, choices=("none", "sqrt", "linear"))
     prune_ratio: float = option(
         0.5, "infobatch: fraction of the samples with below-mean loss left out of each pruned epoch; mixprune: "
         "fraction of the quad tier (p(true) >= --quad-confidence) left out of each mixed epoch (the kept ones weigh "

@@ -20,6 +20,19 @@ def onecycle_lr(samples_seen, total_samples: float, peak: float, warmup: float =
     return np.interp(samples_seen, knots, values)
 
 
+STEP_SCALE_POWER = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+def step_scale_factors(samples_per_step, passes_per_step, step_scale: str) -> np.ndarray:
+    """Each step's learning-rate factor under ``step_scale`` (:class:`~mixtrain.MixOptions`):
+    (samples / passes) ** k, k = 0, 1/2 or 1. A step of composites carries more samples than
+    passes, so it takes fewer, larger steps per epoch for the same samples, as a larger batch would."""
+    k = STEP_SCALE_POWER[step_scale]
+    samples = np.asarray(samples_per_step, np.float64)
+    passes = np.maximum(np.asarray(passes_per_step, np.float64), 1.0)
+    return np.ones_like(samples) if k == 0 else (np.maximum(samples, passes) / passes) ** k
+
+
 def step_lrs(samples_per_step: np.ndarray, seen_before: float, total_samples: float, peak: float, warmup: float):
     """The LR of each step of an epoch: evaluated at the middle of the samples the step carries,
     so a first step never gets LR 0 and a step's LR does not depend on how the epoch is split."""

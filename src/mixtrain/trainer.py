@@ -37,7 +37,7 @@ from .data import load_data
 from .errors import MixtrainError, OptionError, out_of_memory
 from .hooks import Checkpoints, EpochClock, FiniteWatch, RunLogs, StepLosses, write_json
 from .models import adapt, create_model
-from .schedule import step_lrs
+from .schedule import step_lrs, step_scale_factors
 from .options import MIN_IMAGE_SIZE, RESUMABLE_CHANGES, MixOptions, TrainConfig, config_differences  # noqa: F401 (re-exported)
 from .strategies import create_strategy
 
@@ -280,11 +280,15 @@ class Trainer:
         """The LR of each step of the epoch, from the one-cycle schedule in samples seen. Every
         epoch advances the schedule by the dataset's size: an epoch that carries fewer samples
         (pruning) spreads the same stretch over its steps; one that carries all of them (every other
-        strategy) advances it by exactly its samples."""
+        strategy) advances it by exactly its samples. ``--step-scale`` then scales each step by the
+        samples it carries per pass."""
         n = self.data.num_train
         stretch = n / max(1, plan.samples)
         total = float(self.cfg.epochs * n)
-        return step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
+        lrs = step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
+        if self.strategy.separate:  # soft-label methods (CutMix, MixUp) train one example per pass
+            lrs = lrs * step_scale_factors(batches.global_samples, batches.global_passes, self.cfg.mix.step_scale)
+        return lrs
 
     def _restore_grad_stats(self, partial: dict | None) -> int:
         """The first step the epoch's gradient-norm statistics cover: this one, or the epoch's
