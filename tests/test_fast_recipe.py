@@ -12,6 +12,7 @@ from mixtrain import adapt
 from mixtrain.airbench import (AirbenchNet, FlipTranslate, WeightAverage, init_whitening, lr_factor, patches_of,
                                recipe_optimizer, tta_logits, tta_views)
 from mixtrain.cli import main
+from mixtrain.errors import MixtrainError
 from mixtrain.data import from_arrays
 from mixtrain.fast import (FastConfig, budget_samples, equal_time_gains, parse_budgets, recipe_mix_options,
                            summarize, time_to_target, train_run)
@@ -152,3 +153,12 @@ def test_the_published_precision_half_weights_and_float_batch_norm_trains_too():
     assert run["passes"] < run["samples"] and 0 <= run["tta_accuracy"] <= 1
     with pytest.raises(Exception, match="precision must be bf16 or fp16"):
         train_run(data, "baseline", 1, 0, FastConfig(precision="fp32"), "cpu")
+
+
+@pytest.mark.parametrize("spec", ["mixtrain(step_scale=linear)", "mixtrain(loss-per=passes)"])
+def test_the_fast_recipe_refuses_a_second_step_scaling(spec):
+    from mixtrain.fast import parse_method
+
+    with pytest.raises(MixtrainError, match="already grow with them"):
+        parse_method(spec)
+    assert parse_method("mixtrain(confidence=0.6)") == ("mixtrain", {"confidence": 0.6})

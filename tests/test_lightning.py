@@ -134,3 +134,18 @@ def test_a_module_without_an_adapted_model_is_refused(tmp_path):
 def test_compose_outside_a_fit_is_refused():
     with pytest.raises(mt.MixtrainError, match="outside a fit"):
         MixTrainCallback().compose((torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)))
+
+
+def test_the_callback_says_it_leaves_step_scale_to_the_module():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(max_epochs=4, global_rank=0, world_size=1)
+    loader = DataLoader(Digits(), batch_size=32)
+    scaled = MixTrainCallback(opts=mt.MixOptions(step_scale="linear"))
+    with pytest.warns(mt.MixtrainWarning, match="multiply its LR by step.lr_factor"):
+        mixer = scaled._make_mixer(loader, trainer, Net(scaled))
+    assert mixer.step_scale == "linear"
+    plain = MixTrainCallback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MixtrainWarning)
+        plain._make_mixer(loader, trainer, Net(plain))  # the default asks nothing of the LR: no warning

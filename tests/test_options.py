@@ -141,3 +141,10 @@ def test_renamed_options_read_from_old_configs_checkpoints_and_bench_specs(tmp_p
     assert split_method("mixtrain(warmup_epochs=2)") == ("mixtrain", {"first_unmixed_epochs": 2})
     # a config holding both names keeps the new one
     assert TrainConfig.from_dict({"warmup": 0.3, "lr_warmup": 0.05}).lr_warmup == 0.05
+
+
+def test_step_scale_and_loss_per_passes_are_one_correction_taken_once():
+    with pytest.raises(OptionError, match="take one of them"):
+        MixOptions(step_scale="linear", loss_per="passes").check()
+    MixOptions(step_scale="sqrt").check()
+    MixOptions(loss_per="passes").check()

@@ -237,6 +237,7 @@ class Mixer:
         self.seed, self.rank, self.world = int(seed), int(rank), int(world)
         self.label_smoothing = float(label_smoothing)
         opts = opts or MixOptions()
+        opts.check()  # a baseline's strategy never reads them, yet lr_factor does
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
         self.loss_per = opts.loss_per
         self.step_scale = opts.step_scale

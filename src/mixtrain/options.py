@@ -182,6 +182,9 @@ class MixOptions:
                               got=self.prune_until)
         if self.first_unmixed_epochs < 0:
             raise OptionError("{first_unmixed_epochs} must be >= 0, got {got}", got=self.first_unmixed_epochs)
+        if self.step_scale != "none" and self.loss_per == "passes":
+            raise OptionError("{step_scale} {got} and {loss_per} passes both scale a step by the samples it carries; "
+                              "take one of them", got=self.step_scale)
         if self.final_unmixed_epochs < -1:
             raise OptionError("{final_unmixed_epochs} must be >= 0, or -1 for one per 15 epochs of the schedule (at "
                               "least one), got {got}", got=self.final_unmixed_epochs)
