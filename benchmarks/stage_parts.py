@@ -59,11 +59,10 @@ def part_count(total: int, room: int) -> int:
     return max(1, math.ceil(total / room))
 
 
-def split_file(path: Path, parts: int, out: Path) -> list[Path]:
+def split_file(path: Path, parts: int, out: Path):
     """Cut ``path`` into ``parts`` pieces of (nearly) equal size: ``out/1/p`` ... ``out/N/p``."""
     size = path.stat().st_size
     each = -(-size // parts)
-    written = []
     with open(path, "rb") as src:
         for i in range(1, parts + 1):
             d = out / str(i)
@@ -74,8 +73,6 @@ def split_file(path: Path, parts: int, out: Path) -> list[Path]:
                     chunk = src.read(min(left, 2**24))
                     dst.write(chunk)
                     left -= len(chunk)
-            written.append(d / "p")
-    return written
 
 
 def calls(out: str, parts: int, dest: str) -> list[tuple[str, str]]:

@@ -338,8 +338,7 @@ def render_report(results: dict) -> str:
     lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
     lines.append(f"- Setup: {_setup_summary(setup)} (every option in results.json)")
     planned = results.get("planned", [])
-    done = {r["key"] for r in runs}
-    missing = [k for k in planned if k not in done]
+    missing = missing_runs(results)
     if missing:
         lines.append(f"- **Incomplete**: {len(missing)} of {len(planned)} planned runs missing "
                      f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
@@ -778,9 +777,15 @@ def cmd_bench(args):
     if devices:
         return _bench_on_devices(args, argv, command, devices, seeds)
     results = run_bench(base, methods, epochs, seeds, args.bench_out, command, args.bench_resume, args.stop_after)
-    missing = [k for k in results["planned"] if k not in {r["key"] for r in results["runs"]}]
+    missing = missing_runs(results)
     if missing:
         print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
+
+
+def missing_runs(results: dict) -> list[str]:
+    """The keys of the runs a bench planned and has not trained yet."""
+    done = {r["key"] for r in results.get("runs", [])}
+    return [k for k in results.get("planned", []) if k not in done]
 
 
 def _bench_on_devices(args, argv: list[str], command: str, devices: list[str], seeds: list[int]):
@@ -802,7 +807,7 @@ def _bench_on_devices(args, argv: list[str], command: str, devices: list[str], s
             merged["devices"] = layout
             _write_json(os.path.join(out, RESULTS), merged)
             report, _ = write_report(out, merged)
-            missing = [k for k in merged["planned"] if k not in {r["key"] for r in merged["runs"]}]
+            missing = missing_runs(merged)
             print(f"merged {len(merged['runs'])} runs from {len(done)} devices into {report}"
                   + (f"; {len(missing)} runs still missing, continue with the same command plus --resume" if missing else ""),
                   flush=True)

@@ -43,7 +43,6 @@ from . import plan as P
 from .compose import Augment, compose_from, geometry, rand_width
 from .errors import MixtrainError
 from .plan import EpochPlan
-from .schedule import step_scale_factors
 from .strategies import MixOptions, Strategy, create_strategy
 
 # the constituents arrive augmented by the user's transforms: the resampling only places them
@@ -345,12 +344,8 @@ class Mixer:
         self.consumed = j + 1
         return MixStep(x, geo.pool if s.separate else None, labels[src], index, valid, share, weight,
                        int(layout.local_samples[j]), int(layout.global_samples[j]), layout.loss_scale(j, self.per_pass),
-                       self.epoch, j, self._lr_factor(layout, j))
-
-    def _lr_factor(self, layout: _EpochLayout, j: int) -> float:
-        if not self.strategy.separate:  # soft-label methods train one example per pass
-            return 1.0
-        return float(step_scale_factors(layout.global_samples[j:j + 1], layout.global_passes[j:j + 1], self.step_scale)[0])
+                       self.epoch, j,
+                       float(s.lr_factors(layout.global_samples[j], layout.global_passes[j], self.step_scale)))
 
     def _checked_step(self, images) -> tuple[_EpochLayout, int]:
         """(the epoch's layout, the step to compose), once ``images`` are known to be that step's

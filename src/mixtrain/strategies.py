@@ -24,6 +24,7 @@ from .errors import MixtrainError, notice
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
 from .options import MixOptions  # declared with every other option (re-exported here)
+from .schedule import step_scale_factors
 
 
 class Strategy:
@@ -66,6 +67,12 @@ class Strategy:
         """Whether the step's loss is a mean over passes (else over samples): under DDP each
         rank's loss is rescaled by its share of the same count."""
         return loss_per == "passes"
+
+    def lr_factors(self, samples_per_step, passes_per_step, step_scale: str) -> np.ndarray:
+        """Each step's learning-rate factor under ``step_scale`` (:func:`mixtrain.schedule.step_scale_factors`):
+        by the samples each pass carries, for methods whose constituents are samples of their own;
+        1 for soft-label methods (CutMix, MixUp), which train one example per pass."""
+        return step_scale_factors(samples_per_step, passes_per_step, step_scale if self.separate else "none")
 
     def epoch_stats(self, plan: P.EpochPlan) -> dict:
         """Numbers this method adds to an epoch's log row (the trainer logs every method's alike):

@@ -37,7 +37,7 @@ from .data import load_data
 from .errors import MixtrainError, OptionError, out_of_memory
 from .hooks import Checkpoints, EpochClock, FiniteWatch, RunLogs, StepLosses, write_json
 from .models import adapt, create_model
-from .schedule import step_lrs, step_scale_factors
+from .schedule import step_lrs
 from .options import MIN_IMAGE_SIZE, RESUMABLE_CHANGES, MixOptions, TrainConfig, config_differences  # noqa: F401 (re-exported)
 from .strategies import create_strategy
 
@@ -286,9 +286,7 @@ class Trainer:
         stretch = n / max(1, plan.samples)
         total = float(self.cfg.epochs * n)
         lrs = step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
-        if self.strategy.separate:  # soft-label methods (CutMix, MixUp) train one example per pass
-            lrs = lrs * step_scale_factors(batches.global_samples, batches.global_passes, self.cfg.mix.step_scale)
-        return lrs
+        return lrs * self.strategy.lr_factors(batches.global_samples, batches.global_passes, self.cfg.mix.step_scale)
 
     def _restore_grad_stats(self, partial: dict | None) -> int:
         """The first step the epoch's gradient-norm statistics cover: this one, or the epoch's
