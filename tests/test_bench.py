@@ -414,3 +414,9 @@ def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path, 
     # a real difference is still refused, by name
     code, err = _bench_refused(capsys, data, out, "--seeds", "2", "--epochs", "1", "--resume", "--lr", "0.07")
     assert code != 0 and "lr: 0.05 then, 0.07 now" in err
+    # runs saved before --step-scale existed trained with none, unlike today's default (auto)
+    results = json.loads(path.read_text())
+    del results["setup"]["mix"]["step_scale"]
+    path.write_text(json.dumps(results))
+    code, err = _bench_refused(capsys, data, out, "--seeds", "2", "--epochs", "1", "--resume")
+    assert code != 0 and "mix.step_scale: 'none' then, 'auto' now" in err, err

@@ -189,3 +189,29 @@ def test_resuming_a_finished_run_in_a_read_only_folder_is_one_error_line(whole, 
     monkeypatch.setattr(builtins, "open", read_only)
     code = main(["train", "--out", str(whole), "--resume"])
     assert_clean_error(code, capsys.readouterr().err, f"cannot write to the output folder {whole}: Permission denied")
+
+
+def test_a_run_from_before_step_scale_resumes_as_it_trained(tmp_path, monkeypatch, capsys):
+    """--step-scale's default became auto (linear for SGD); a run whose config.json and checkpoint
+    predate the option trained with none, and resumes with none, neither refused nor switched."""
+    from mixtrain import checkpoint as ckpt
+
+    out = tmp_path / "old"
+
+    def stop(self, where):
+        if where == "end of epoch 1":
+            self.checkpoints.wait()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "on_checkpoint", stop)
+    assert main(["train", *RUN, "--step-scale", "none", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    config = json.loads((out / "config.json").read_text())
+    del config["mix"]["step_scale"]
+    (out / "config.json").write_text(json.dumps(config))
+    state = ckpt.load(str(out / "checkpoint.pt"))
+    del state["config"]["mix"]["step_scale"]
+    ckpt.save_atomic(state, str(out / "checkpoint.pt"))
+    assert main(["train", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["mix"]["step_scale"] == "none"
+    assert metrics(out)["passes"] < metrics(out)["samples"]

@@ -145,7 +145,8 @@ def test_the_callback_says_it_leaves_step_scale_to_the_module():
     with pytest.warns(mt.MixtrainWarning, match="multiply its LR by step.lr_factor"):
         mixer = scaled._make_mixer(loader, trainer, Net(scaled))
     assert mixer.step_scale == "linear"
-    plain = MixTrainCallback()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", mt.MixtrainWarning)
-        plain._make_mixer(loader, trainer, Net(plain))  # the default asks nothing of the LR: no warning
+    for plain in (MixTrainCallback(), MixTrainCallback(opts=mt.MixOptions())):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mt.MixtrainWarning)
+            # the default (auto) was not asked for: no warning; step.lr_factor still offers the SGD rule
+            assert plain._make_mixer(loader, trainer, Net(plain)).step_scale == "linear"

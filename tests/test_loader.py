@@ -99,7 +99,7 @@ def test_sampler_yields_each_steps_images_and_every_sample_once():
 def test_each_step_says_what_step_scale_asks_of_its_learning_rate():
     x, y = images()
     for method, step_scale, power in (("mixtrain", "linear", 1.0), ("mixtrain", "sqrt", 0.5), ("mixtrain", "none", 0.0),
-                                      ("baseline", "linear", 0.0), ("cutmix", "linear", 0.0)):
+                                      ("mixtrain", "auto", 1.0), ("baseline", "linear", 0.0), ("cutmix", "linear", 0.0)):
         m = mixer(method=method, opts=MixOptions(first_unmixed_epochs=0, final_unmixed_epochs=1, rule="all",
                                                  step_scale=step_scale))
         if method == "mixtrain":

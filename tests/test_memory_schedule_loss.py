@@ -127,7 +127,7 @@ def test_step_scale_factors_follow_samples_per_pass():
     np.testing.assert_allclose(step_scale_factors(samples, passes, "sqrt"), [1, 2**0.5, 2.5**0.5, 1])
 
 
-def _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, method, step_scale):
+def _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, method, step_scale, optimizer="sgd"):
     """Each step's LR and samples/passes in a one-epoch digits run that mixes from its first step
     (rule all, pairs only: the plan does not depend on what the run learns, so runs compare step by step)."""
     from mixtrain import TrainConfig, train
@@ -145,7 +145,8 @@ def _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, method, step_scale):
     mix = MixOptions(rule="all", quad_confidence=0.0, first_unmixed_epochs=0, final_unmixed_epochs=0,
                      step_scale=step_scale)
     train(TrainConfig(data="digits", method=method, epochs=1, batch_size=64, lr=0.05, seed=0, device="cpu",
-                      out=str(tmp_path / f"{method}-{step_scale}"), progress="none", save_checkpoints=False, mix=mix))
+                      optimizer=optimizer, out=str(tmp_path / f"{method}-{step_scale}-{optimizer}"), progress="none",
+                      save_checkpoints=False, mix=mix))
     return np.array(seen)
 
 
@@ -158,6 +159,12 @@ def test_step_scale_multiplies_each_step_lr_in_the_trainer(tmp_path, monkeypatch
         np.testing.assert_array_equal(scaled[:, 1], per_pass)  # the same plan, step by step
         np.testing.assert_allclose(scaled[:, 0], plain[:, 0] * per_pass**power, rtol=1e-12)
     # CutMix trains one soft-labelled example per pass: its steps are not scaled
+    # the default, auto: linear with SGD, none with AdamW
+    np.testing.assert_allclose(_step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "auto")[:, 0],
+                               plain[:, 0] * per_pass, rtol=1e-12)
+    adam = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "none", "adamw")
+    adam_auto = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "auto", "adamw")
+    np.testing.assert_array_equal(adam_auto, adam)
     cut_plain = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "none")
     cut_scaled = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "linear")
     np.testing.assert_allclose(cut_scaled[:, 0], cut_plain[:, 0], rtol=1e-12)

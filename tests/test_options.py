@@ -13,7 +13,7 @@ import pytest
 from mixtrain import MixOptions, OptionError, TrainConfig
 from mixtrain.cli import build_parser, main
 from mixtrain.options import (NOT_BENCH_SETUP, OPTIONS, REGENERATE_DOCS, RESUMABLE_CHANGES, config_from_args, flag_for,
-                              options_markdown)
+                              options_markdown, upgrade_config)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 
@@ -147,4 +147,26 @@ def test_step_scale_and_loss_per_passes_are_one_correction_taken_once():
     with pytest.raises(OptionError, match="take one of them"):
         MixOptions(step_scale="linear", loss_per="passes").check()
     MixOptions(step_scale="sqrt").check()
-    MixOptions(loss_per="passes").check()
+    MixOptions(loss_per="passes").check()  # the default auto steps aside for it
+
+
+def test_step_scale_auto_is_linear_for_sgd_only():
+    assert MixOptions().step_scale == "auto"
+    assert MixOptions().resolved_step_scale("sgd") == "linear"
+    assert MixOptions().resolved_step_scale("adamw") == "none"
+    assert MixOptions(loss_per="passes").resolved_step_scale("sgd") == "none"
+    for asked in ("none", "sqrt", "linear"):
+        assert MixOptions(step_scale=asked).resolved_step_scale("adamw") == asked
+
+
+def test_a_saved_config_without_step_scale_reads_as_none_a_users_file_as_the_default(tmp_path):
+    from mixtrain.cli import read_config
+
+    saved = TrainConfig().to_dict()
+    del saved["mix"]["step_scale"]
+    assert TrainConfig.from_dict(upgrade_config(saved, saved=True)).mix.step_scale == "none"
+    assert TrainConfig.from_dict(saved).mix.step_scale == "auto"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"lr": 0.1, "mix": {"rule": "all"}}))
+    assert read_config(str(path), saved=True)["mix"] == {"rule": "all", "step_scale": "none"}
+    assert read_config(str(path))["mix"] == {"rule": "all"}

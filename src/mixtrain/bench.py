@@ -477,7 +477,7 @@ def load_results(out_dir: str) -> dict:
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise MixtrainError(f"{path} is not a mixtrain bench results file (format {FORMAT})")
     if isinstance(results.get("setup"), dict):
-        results["setup"] = upgrade_config(results["setup"])
+        results["setup"] = upgrade_config(results["setup"], saved=True)
     for r in results.get("runs", []):
         missing = [k for k in ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples") if k not in r]
         if missing:
@@ -524,7 +524,8 @@ def setup_of(cfg) -> dict:
 
 def _setup_as_now(saved: dict) -> dict:
     """A bench setup saved by an earlier version, in today's terms: renamed options under their new
-    names, options added since at their defaults (what those runs did), options since removed left out."""
+    names, options added since at their defaults (what those runs did; :data:`~mixtrain.options.SAVED_BEFORE`
+    for those whose default differs), options since removed left out."""
     from .options import TrainConfig
 
     try:

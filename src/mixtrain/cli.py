@@ -77,16 +77,17 @@ def _parse_config_file(path: str, where: str):
                             "must end in .yaml or .yml") from None
 
 
-def read_config(path: str, flag: str = "--config") -> dict:
+def read_config(path: str, flag: str = "--config", saved: bool = False) -> dict:
     """A training configuration file -- a run's ``config.json``, or YAML with the same keys (mixing
     options under ``mix``) -- as a dict of options, each checked against the option's type.
     ``resume`` is never read from a file (give ``--resume``); the run-describing keys a
-    ``config.json`` also holds are skipped; old names of renamed options read as the new ones."""
+    ``config.json`` also holds are skipped; old names of renamed options read as the new ones
+    (``saved``: a run's own config.json, see :func:`~mixtrain.options.upgrade_config`)."""
     where = f"{flag} {path}"
     d = _parse_config_file(path, where)
     if not isinstance(d, dict):
         raise MixtrainError(f"{where}: must hold a mapping of option names to values, not {type(d).__name__}")
-    d = upgrade_config(d)
+    d = upgrade_config(d, saved)
     defaults = TrainConfig().to_dict()
     mix_defaults = defaults.pop("mix")
     unknown = [k for k in d if k not in defaults and k not in CONFIG_EXTRAS and k != "mix"]
@@ -133,7 +134,7 @@ def train_config(args) -> "TrainConfig":
     if args.resume:
         saved_path = os.path.join(out, "config.json")
         if os.path.exists(saved_path):  # without it, the options as given (the checkpoint is checked anyway)
-            saved = TrainConfig.from_dict(_merged(defaults, read_config(saved_path, "--resume: the run's")))
+            saved = TrainConfig.from_dict(_merged(defaults, read_config(saved_path, "--resume: the run's", saved=True)))
             cfg = TrainConfig.from_dict(_merged(saved.to_dict(), stated))
             diff = config_differences(saved, cfg)
             if diff:

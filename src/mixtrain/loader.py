@@ -72,7 +72,9 @@ class MixStep:
     samples this process's step carries and ``global_samples`` those of the whole global step (for
     a learning-rate schedule in samples seen); ``scale`` this process's loss weight under DDP (1 on
     one process); ``epoch`` and ``step`` where it stands; ``lr_factor`` what ``opts.step_scale``
-    asks of this step's learning rate (multiply your schedule's LR by it; 1 under the default).
+    asks of this step's learning rate (multiply your schedule's LR by it; the default ``auto`` is
+    the linear rule measured for SGD, as the Mixer does not see your optimizer: give
+    ``step_scale="none"`` or ``"sqrt"`` with Adam).
 
     >>> step = mixer.compose(images, labels)  # doctest: +SKIP
     >>> step.images.shape, step.masks.shape   # doctest: +SKIP
@@ -239,7 +241,8 @@ class Mixer:
         opts.check()  # a baseline's strategy never reads them, yet lr_factor does
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
         self.loss_per = opts.loss_per
-        self.step_scale = opts.step_scale
+        # the Mixer does not see the optimizer: auto resolves as for SGD (say step_scale='none' for Adam)
+        self.step_scale = opts.resolved_step_scale("sgd")
         # losses averaged over passes (soft labels, or loss_per="passes") are weighed by passes under DDP
         self.per_pass = self.strategy.averages_over_passes(self.loss_per)
         self.sampler = MixSampler(self)

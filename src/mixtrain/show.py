@@ -280,7 +280,7 @@ def tier_shares(plan, blend: bool = False) -> dict[str, float]:
 def _read_run(folder: str):
     """(TrainConfig, config.json dict, checkpoint state) of the run in ``folder``."""
     from . import checkpoint as ckpt
-    from .trainer import TrainConfig
+    from .options import TrainConfig, upgrade_config
 
     if not os.path.isdir(folder):
         raise MixtrainError(f"--from {folder}: no such run folder")
@@ -295,7 +295,7 @@ def _read_run(folder: str):
     if not isinstance(raw, dict):
         raise MixtrainError(f"{cfg_path} is not a mixtrain config (not a JSON object)")
     try:
-        cfg = TrainConfig.from_dict(raw)
+        cfg = TrainConfig.from_dict(upgrade_config(raw, saved=True))
         cfg.check()
     except (TypeError, ValueError, AttributeError) as e:
         raise MixtrainError(f"{cfg_path} is not a mixtrain config: {e}") from e

@@ -38,7 +38,7 @@ from .errors import MixtrainError, OptionError, out_of_memory
 from .hooks import Checkpoints, EpochClock, FiniteWatch, RunLogs, StepLosses, write_json
 from .models import adapt, create_model
 from .schedule import step_lrs
-from .options import MIN_IMAGE_SIZE, RESUMABLE_CHANGES, MixOptions, TrainConfig, config_differences  # noqa: F401 (re-exported)
+from .options import MIN_IMAGE_SIZE, RESUMABLE_CHANGES, MixOptions, TrainConfig, config_differences, upgrade_config  # noqa: F401 (re-exported)
 from .strategies import create_strategy
 
 
@@ -286,7 +286,8 @@ class Trainer:
         stretch = n / max(1, plan.samples)
         total = float(self.cfg.epochs * n)
         lrs = step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
-        return lrs * self.strategy.lr_factors(batches.global_samples, batches.global_passes, self.cfg.mix.step_scale)
+        return lrs * self.strategy.lr_factors(batches.global_samples, batches.global_passes,
+                                              self.cfg.mix.resolved_step_scale(self.cfg.optimizer))
 
     def _restore_grad_stats(self, partial: dict | None) -> int:
         """The first step the epoch's gradient-norm statistics cover: this one, or the epoch's
@@ -577,7 +578,7 @@ class Trainer:
     def _check_resumable(self, state: dict):
         try:
             ckpt.check_config(state, TrainConfig().to_dict(), RESUMABLE_CHANGES)
-            saved = TrainConfig.from_dict(state["config"])
+            saved = TrainConfig.from_dict(upgrade_config(state["config"], saved=True))
         except ckpt.StateError as e:
             raise MixtrainError(f"cannot resume from {self.ckpt_path}: {e}") from e
         except TypeError as e:  # e.g. an option of the mixing options that this version does not know

@@ -203,7 +203,7 @@ class MixTrainCallback(pl.Callback):
         if trainer.max_epochs and 0 < trainer.max_epochs < epochs:
             notice(f"MixTrainCallback plans a {epochs}-epoch schedule, but the Trainer stops after "
                    f"{trainer.max_epochs} (max_epochs): its final unmixed epochs will not be reached")
-        if self.opts is not None and self.opts.step_scale != "none":
+        if self.opts is not None and self.opts.step_scale in ("sqrt", "linear"):  # asked for, not the default
             notice(f"MixTrainCallback does not set learning rates: step_scale={self.opts.step_scale!r} reaches "
                    "the optimizer only if you multiply its LR by step.lr_factor before each optimizer step "
                    "(e.g. in the LightningModule's on_before_optimizer_step)")
