@@ -150,3 +150,15 @@ def test_the_callback_says_it_leaves_step_scale_to_the_module():
             warnings.simplefilter("error", mt.MixtrainWarning)
             # the default (auto) was not asked for: no warning; step.lr_factor still offers the SGD rule
             assert plain._make_mixer(loader, trainer, Net(plain)).step_scale == "linear"
+
+
+class AdamNet(Net):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_the_callback_tells_the_mixer_its_optimizer(tmp_path):
+    # step_scale auto: step.lr_factor is the linear rule for SGD, 1 for AdamW
+    _, sgd = fit(tmp_path / "sgd")
+    _, adam = fit(tmp_path / "adam", module=AdamNet)
+    assert (sgd.mixer.step_scale, adam.mixer.step_scale) == ("linear", "none")

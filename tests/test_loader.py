@@ -96,6 +96,16 @@ def test_sampler_yields_each_steps_images_and_every_sample_once():
     assert m.plan.passes < N  # packed
 
 
+def test_auto_step_scale_follows_the_optimizer_the_mixer_is_told_of():
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    adam = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for optimizer, expected in ((None, "linear"), (sgd, "linear"), ("sgd", "linear"), (adam, "none"), ("adamw", "none")):
+        assert mixer(optimizer=optimizer).step_scale == expected
+    assert mixer(optimizer=adam, opts=MixOptions(step_scale="sqrt")).step_scale == "sqrt"  # asked for: kept
+    with pytest.raises(MixtrainError, match="takes a torch.optim.Optimizer or its name"):
+        mixer(optimizer=3)
+
+
 def test_each_step_says_what_step_scale_asks_of_its_learning_rate():
     x, y = images()
     for method, step_scale, power in (("mixtrain", "linear", 1.0), ("mixtrain", "sqrt", 0.5), ("mixtrain", "none", 0.0),

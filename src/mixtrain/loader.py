@@ -72,9 +72,8 @@ class MixStep:
     samples this process's step carries and ``global_samples`` those of the whole global step (for
     a learning-rate schedule in samples seen); ``scale`` this process's loss weight under DDP (1 on
     one process); ``epoch`` and ``step`` where it stands; ``lr_factor`` what ``opts.step_scale``
-    asks of this step's learning rate (multiply your schedule's LR by it; the default ``auto`` is
-    the linear rule measured for SGD, as the Mixer does not see your optimizer: give
-    ``step_scale="none"`` or ``"sqrt"`` with Adam).
+    asks of this step's learning rate (multiply your schedule's LR by it; under the default
+    ``auto``, the linear rule for SGD and 1 for other optimizers: see ``Mixer(optimizer=...)``).
 
     >>> step = mixer.compose(images, labels)  # doctest: +SKIP
     >>> step.images.shape, step.masks.shape   # doctest: +SKIP
@@ -178,6 +177,18 @@ class MixSampler(Sampler):
             yield layout.ids[j].tolist()
 
 
+def _optimizer_name(optimizer) -> str:
+    """``sgd`` for SGD (and when the optimizer is not known), else the name: what
+    :meth:`MixOptions.resolved_step_scale` resolves ``auto`` for."""
+    if optimizer is None:
+        return "sgd"
+    if isinstance(optimizer, str):
+        return optimizer.lower()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return "sgd" if isinstance(optimizer, torch.optim.SGD) else type(optimizer).__name__.lower()
+    raise MixtrainError(f"Mixer(optimizer=...) takes a torch.optim.Optimizer or its name, got {type(optimizer).__name__}")
+
+
 class Mixer:
     """MixTrain for a training loop that reads a map-style ``Dataset`` through a ``DataLoader``.
 
@@ -189,7 +200,10 @@ class Mixer:
     plans and region offsets (the same on every process). ``rank``/``world``: this process under
     DDP (default: from ``torch.distributed`` when it is initialised). ``device``: where the loss
     memory lives (default: the model's device; it follows the logits). ``label_smoothing`` applies
-    to the training loss, not to the losses the memory records.
+    to the training loss, not to the losses the memory records. ``optimizer`` (a
+    ``torch.optim.Optimizer`` or ``"sgd"``/``"adamw"``) is what ``step.lr_factor`` is for:
+    ``MixOptions(step_scale="auto")``, the default, is the linear rule for SGD and 1 for any other
+    optimizer; without it, as for SGD.
 
     Use :attr:`sampler` as the DataLoader's ``batch_sampler``, call :meth:`set_epoch` at the start
     of each epoch, :meth:`compose` on each batch and :meth:`loss` on the model's logits. Checkpoint
@@ -202,7 +216,7 @@ class Mixer:
     def __init__(self, model=None, num_samples: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, *, method: str = "mixtrain", opts: MixOptions | None = None,
                  seed: int = 0, rank: int | None = None, world: int | None = None, device=None,
-                 label_smoothing: float = 0.0, grid=None, image_size=None):
+                 label_smoothing: float = 0.0, grid=None, image_size=None, optimizer=None):
         model = getattr(model, "module", model)  # a DDP-wrapped model
         if model is not None:
             if not hasattr(model, "grid") or not hasattr(model, "image_size"):
@@ -241,8 +255,7 @@ class Mixer:
         opts.check()  # a baseline's strategy never reads them, yet lr_factor does
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
         self.loss_per = opts.loss_per
-        # the Mixer does not see the optimizer: auto resolves as for SGD (say step_scale='none' for Adam)
-        self.step_scale = opts.resolved_step_scale("sgd")
+        self.step_scale = opts.resolved_step_scale(_optimizer_name(optimizer))
         # losses averaged over passes (soft labels, or loss_per="passes") are weighed by passes under DDP
         self.per_pass = self.strategy.averages_over_passes(self.loss_per)
         self.sampler = MixSampler(self)

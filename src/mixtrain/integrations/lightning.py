@@ -209,7 +209,7 @@ class MixTrainCallback(pl.Callback):
                    "(e.g. in the LightningModule's on_before_optimizer_step)")
         return Mixer(model, len(loader.dataset), epochs, batch_size, method=self.method, opts=self.opts,
                      seed=self.seed, rank=trainer.global_rank, world=trainer.world_size, device=pl_module.device,
-                     label_smoothing=self.label_smoothing)
+                     label_smoothing=self.label_smoothing, optimizer=next(iter(getattr(trainer, "optimizers", None) or []), None))
 
     def on_train_epoch_start(self, trainer, pl_module):
         """Check that the mixer serves the epoch Lightning trains."""
