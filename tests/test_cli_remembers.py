@@ -51,6 +51,8 @@ def test_resume_with_only_out_continues_the_run_with_its_own_options(whole, tmp_
     config = json.loads((out / "config.json").read_text())
     assert (config["lr"], config["batch_size"], config["seed"], config["mix"]["rule"], config["resume"]) == (
         0.05, 64, 2, "fraction", True)
+    # the default step_scale (auto) is recorded as what ran with SGD
+    assert config["mix"]["step_scale"] == got["options"]["step_scale"] == "linear"
     # wall time counts both processes of the run
     assert got["wall_seconds"] >= got["train_seconds"] + got["eval_seconds"]
 

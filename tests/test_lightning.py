@@ -148,8 +148,8 @@ def test_the_callback_says_it_leaves_step_scale_to_the_module():
     for plain in (MixTrainCallback(), MixTrainCallback(opts=mt.MixOptions())):
         with warnings.catch_warnings():
             warnings.simplefilter("error", mt.MixtrainWarning)
-            # the default (auto) was not asked for: no warning; step.lr_factor still offers the SGD rule
-            assert plain._make_mixer(loader, trainer, Net(plain)).step_scale == "linear"
+            # the default (auto) was not asked for: no warning; this trainer has no optimizer to resolve it for
+            assert plain._make_mixer(loader, trainer, Net(plain)).step_scale == "none"
 
 
 class AdamNet(Net):

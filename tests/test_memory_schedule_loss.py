@@ -158,13 +158,13 @@ def test_step_scale_multiplies_each_step_lr_in_the_trainer(tmp_path, monkeypatch
         scaled = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", step_scale)
         np.testing.assert_array_equal(scaled[:, 1], per_pass)  # the same plan, step by step
         np.testing.assert_allclose(scaled[:, 0], plain[:, 0] * per_pass**power, rtol=1e-12)
-    # CutMix trains one soft-labelled example per pass: its steps are not scaled
     # the default, auto: linear with SGD, none with AdamW
     np.testing.assert_allclose(_step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "auto")[:, 0],
                                plain[:, 0] * per_pass, rtol=1e-12)
     adam = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "none", "adamw")
     adam_auto = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "mixtrain", "auto", "adamw")
     np.testing.assert_array_equal(adam_auto, adam)
+    # CutMix trains one soft-labelled example per pass: its steps are not scaled
     cut_plain = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "none")
     cut_scaled = _step_lrs_and_samples_per_pass(tmp_path, monkeypatch, "cutmix", "linear")
     np.testing.assert_allclose(cut_scaled[:, 0], cut_plain[:, 0], rtol=1e-12)

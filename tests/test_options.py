@@ -170,3 +170,19 @@ def test_a_saved_config_without_step_scale_reads_as_none_a_users_file_as_the_def
     path.write_text(json.dumps({"lr": 0.1, "mix": {"rule": "all"}}))
     assert read_config(str(path), saved=True)["mix"] == {"rule": "all", "step_scale": "none"}
     assert read_config(str(path))["mix"] == {"rule": "all"}
+    # --config given a run's own config.json (it holds what only mixtrain writes): as saved
+    path.write_text(json.dumps({"lr": 0.1, "resolved_model": "resnet18", "mix": {"rule": "all"}}))
+    assert read_config(str(path))["mix"] == {"rule": "all", "step_scale": "none"}
+
+
+def test_a_run_records_and_compares_step_scale_as_what_it_resolves_to():
+    from mixtrain.options import config_differences
+
+    assert TrainConfig().to_record()["mix"]["step_scale"] == "linear"
+    assert TrainConfig(optimizer="adamw").to_record()["mix"]["step_scale"] == "none"
+    assert TrainConfig().to_dict()["mix"]["step_scale"] == "auto"  # the options themselves keep auto
+    linear, none = TrainConfig(mix=MixOptions(step_scale="linear")), TrainConfig(mix=MixOptions(step_scale="none"))
+    assert config_differences(linear, TrainConfig()) == []  # what ran is what auto gives
+    assert config_differences(TrainConfig(optimizer="adamw", mix=MixOptions(step_scale="none")),
+                              TrainConfig(optimizer="adamw")) == []
+    assert config_differences(none, TrainConfig()) == ["mix.step_scale: 'none' -> 'linear'"]

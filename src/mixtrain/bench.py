@@ -517,7 +517,7 @@ def device_info(device) -> dict:
 
 def setup_of(cfg) -> dict:
     """The options every run of a bench shares (checked when a bench is continued)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETUP}
+    d = {k: v for k, v in cfg.to_record().items() if k not in _NOT_SETUP}
     d["resolved_model"] = cfg.resolved_model()
     return d
 

@@ -87,7 +87,8 @@ def read_config(path: str, flag: str = "--config", saved: bool = False) -> dict:
     d = _parse_config_file(path, where)
     if not isinstance(d, dict):
         raise MixtrainError(f"{where}: must hold a mapping of option names to values, not {type(d).__name__}")
-    d = upgrade_config(d, saved)
+    # a file that holds what only mixtrain writes is a run's own config.json, whatever the flag
+    d = upgrade_config(d, saved or any(k in d for k in CONFIG_EXTRAS))
     defaults = TrainConfig().to_dict()
     mix_defaults = defaults.pop("mix")
     unknown = [k for k in d if k not in defaults and k not in CONFIG_EXTRAS and k != "mix"]

@@ -73,7 +73,8 @@ class MixStep:
     a learning-rate schedule in samples seen); ``scale`` this process's loss weight under DDP (1 on
     one process); ``epoch`` and ``step`` where it stands; ``lr_factor`` what ``opts.step_scale``
     asks of this step's learning rate (multiply your schedule's LR by it; under the default
-    ``auto``, the linear rule for SGD and 1 for other optimizers: see ``Mixer(optimizer=...)``).
+    ``auto``, the linear rule for SGD, 1 for other optimizers or none given: see
+    ``Mixer(optimizer=...)``).
 
     >>> step = mixer.compose(images, labels)  # doctest: +SKIP
     >>> step.images.shape, step.masks.shape   # doctest: +SKIP
@@ -177,13 +178,14 @@ class MixSampler(Sampler):
             yield layout.ids[j].tolist()
 
 
-def _optimizer_name(optimizer) -> str:
-    """``sgd`` for SGD (and when the optimizer is not known), else the name: what
-    :meth:`MixOptions.resolved_step_scale` resolves ``auto`` for."""
-    if optimizer is None:
-        return "sgd"
-    if isinstance(optimizer, str):
-        return optimizer.lower()
+def _optimizer_name(optimizer) -> str | None:
+    """What :meth:`MixOptions.resolved_step_scale` resolves ``auto`` for: the optimizer's name
+    (``sgd`` for SGD), or ``None`` when none is given (``auto`` then scales nothing)."""
+    if optimizer is None or isinstance(optimizer, str):
+        return None if optimizer is None else optimizer.lower()
+    inner = getattr(optimizer, "optimizer", None)  # a wrapper (Lightning's, DeepSpeed's, ...) of a torch optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(inner, torch.optim.Optimizer):
+        optimizer = inner
     if isinstance(optimizer, torch.optim.Optimizer):
         return "sgd" if isinstance(optimizer, torch.optim.SGD) else type(optimizer).__name__.lower()
     raise MixtrainError(f"Mixer(optimizer=...) takes a torch.optim.Optimizer or its name, got {type(optimizer).__name__}")
@@ -203,7 +205,7 @@ class Mixer:
     to the training loss, not to the losses the memory records. ``optimizer`` (a
     ``torch.optim.Optimizer`` or ``"sgd"``/``"adamw"``) is what ``step.lr_factor`` is for:
     ``MixOptions(step_scale="auto")``, the default, is the linear rule for SGD and 1 for any other
-    optimizer; without it, as for SGD.
+    optimizer, or without one.
 
     Use :attr:`sampler` as the DataLoader's ``batch_sampler``, call :meth:`set_epoch` at the start
     of each epoch, :meth:`compose` on each batch and :meth:`loss` on the model's logits. Checkpoint

@@ -276,6 +276,13 @@ class Trainer:
             D.record_epoch(self.record_dir, self.dist, epoch, plan, batches, self.strategy, self.samples_seen)
         return self._epoch_row(plan, batches, lrs, losses, clock.stop(), first_step)
 
+    def _recorded_options(self) -> dict:
+        """The strategy's options for ``metrics.json``, ``step_scale`` as what ran (not ``auto``)."""
+        opts = self.strategy.options()
+        if "step_scale" in opts:
+            opts["step_scale"] = self.cfg.mix.resolved_step_scale(self.cfg.optimizer)
+        return opts
+
     def _learning_rates(self, plan, batches) -> np.ndarray:
         """The LR of each step of the epoch, from the one-cycle schedule in samples seen. Every
         epoch advances the schedule by the dataset's size: an epoch that carries fewer samples
@@ -390,7 +397,7 @@ class Trainer:
             "grid": list(self.grid),
             "device": str(self.device),
             "versions": versions(),
-            "options": self.strategy.options(),
+            "options": self._recorded_options(),
             "epochs_log": self.log,
         }
         m["pass_speedup"] = m["samples"] / max(1, m["passes"])
@@ -406,7 +413,7 @@ class Trainer:
             os.makedirs(cfg.out, exist_ok=True)
             ckpt.remove_stale_temporaries(cfg.out)
             with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "resolved_model": cfg.resolved_model(), "grid": list(self.grid),
+                json.dump({**cfg.to_record(), "resolved_model": cfg.resolved_model(), "grid": list(self.grid),
                            "augment": asdict(self.augment), "world_size": self.dist.world}, f, indent=2)
         except OSError as e:
             raise MixtrainError(f"cannot write to the output folder {cfg.out}: {e.strerror or e}") from e
@@ -540,7 +547,7 @@ class Trainer:
         the plan's numpy arrays become tensors here and numpy arrays again in :meth:`load_checkpoint`."""
         plan = None if plan_arrays is None else {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in plan_arrays.items()}
         return {
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_record(),
             "model": self.model.state_dict(),
             "optimizer": _portable(self.optimizer.state_dict()),
             "strategy": self.strategy.state_dict(),

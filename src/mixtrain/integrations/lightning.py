@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "mixtrain.integrations.lightning needs PyTorch Lightning: pip install 'mixtrain[lightning]'"
         ) from e
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import MixtrainError, notice
@@ -209,7 +210,7 @@ class MixTrainCallback(pl.Callback):
                    "(e.g. in the LightningModule's on_before_optimizer_step)")
         return Mixer(model, len(loader.dataset), epochs, batch_size, method=self.method, opts=self.opts,
                      seed=self.seed, rank=trainer.global_rank, world=trainer.world_size, device=pl_module.device,
-                     label_smoothing=self.label_smoothing, optimizer=next(iter(getattr(trainer, "optimizers", None) or []), None))
+                     label_smoothing=self.label_smoothing, optimizer=_first_optimizer(trainer))
 
     def on_train_epoch_start(self, trainer, pl_module):
         """Check that the mixer serves the epoch Lightning trains."""
@@ -262,3 +263,13 @@ class MixTrainCallback(pl.Callback):
         if "mixer" in state:
             self.mixer.load_state_dict(state["mixer"])
         self.history = [dict(r) for r in state.get("history", [])]
+
+
+def _first_optimizer(trainer):
+    """The Trainer's first optimizer when it is (or wraps) a torch optimizer, else None: what
+    ``step_scale="auto"`` resolves for (none: ``step.lr_factor`` stays 1)."""
+    first = next(iter(getattr(trainer, "optimizers", None) or []), None)
+    for o in (first, getattr(first, "optimizer", None)):
+        if isinstance(o, torch.optim.Optimizer):
+            return o
+    return None
