@@ -68,7 +68,8 @@ def test_short_run_learns_and_writes_the_contract(runs, method):
     assert log[-1]["lr_end"] < 0.05 * 0.05  # the schedule ends at ~0
     with open(out / "config.json") as f:
         config = json.load(f)
-    assert config["method"] == method and config["mix"] == {**MixOptions().__dict__}
+    # every mixing option at its default; step_scale auto recorded as what it was with SGD
+    assert config["method"] == method and config["mix"] == {**MixOptions().__dict__, "step_scale": "linear"}
     if method == "baseline":
         assert saved["passes"] == saved["samples"]
         assert all(r["mixed_fraction"] == 0 and r["passes"] == r["samples"] for r in log)
