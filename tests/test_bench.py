@@ -419,4 +419,4 @@ def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path, 
     del results["setup"]["mix"]["step_scale"]
     path.write_text(json.dumps(results))
     code, err = _bench_refused(capsys, data, out, "--seeds", "2", "--epochs", "1", "--resume")
-    assert code != 0 and "mix.step_scale: 'none' then, 'linear' now" in err, err
+    assert code != 0 and "mix.step_scale: 'none' then, 'linear' now" in err and "Give --step-scale as then" in err, err

@@ -27,7 +27,8 @@ import sys
 import time
 
 from .errors import MixtrainError
-from .options import METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, config_from_args, upgrade_config
+from .options import (METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, config_from_args, flag_for,
+                      upgrade_config)
 
 FORMAT = "mixtrain-bench/1"
 RESULTS = "results.json"
@@ -617,7 +618,10 @@ def _check_continuable(results: dict, out: str, setup: dict, dev: dict, vers: di
     """New runs join old ones only when their timings compare: the same setup, device and torch."""
     diffs = _diff(_setup_as_now(results.get("setup", {})), setup)
     if diffs:
-        raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs))
+        keys = (d.split(":")[0] for d in diffs)
+        flags = ", ".join(dict.fromkeys(flag_for("model" if k == "resolved_model" else k) for k in keys))
+        raise MixtrainError(f"cannot continue the bench in {out}: its setup differs: " + "; ".join(diffs)
+                            + f". Give {flags} as then to continue it, or bench into another --out")
     then = results["sessions"][0]
     for what, a, b in (("device", then["device"].get("name"), dev["name"]),
                        ("torch version", then["versions"].get("torch"), vers.get("torch"))):
