@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -136,12 +137,12 @@ def test_compose_outside_a_fit_is_refused():
         MixTrainCallback().compose((torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)))
 
 
-def test_the_callback_says_it_leaves_step_scale_to_the_module():
+def test_the_callback_told_not_to_scale_the_lr_says_it_leaves_step_scale_to_the_module():
     from types import SimpleNamespace
 
     trainer = SimpleNamespace(max_epochs=4, global_rank=0, world_size=1)
     loader = DataLoader(Digits(), batch_size=32)
-    scaled = MixTrainCallback(opts=mt.MixOptions(step_scale="linear"))
+    scaled = MixTrainCallback(opts=mt.MixOptions(step_scale="linear"), scale_lr=False)
     with pytest.warns(mt.MixtrainWarning, match="multiply its LR by step.lr_factor"):
         mixer = scaled._make_mixer(loader, trainer, Net(scaled))
     assert mixer.step_scale == "linear"
@@ -162,3 +163,52 @@ def test_the_callback_tells_the_mixer_its_optimizer(tmp_path):
     _, sgd = fit(tmp_path / "sgd")
     _, adam = fit(tmp_path / "adam", module=AdamNet)
     assert (sgd.mixer.step_scale, adam.mixer.step_scale) == ("linear", "none")
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that notes the learning rate each step is taken with."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.lrs = []
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None  # Lightning's closure: training_step and backward
+        self.lrs.append(self.param_groups[0]["lr"])
+        super().step()
+        return loss
+
+
+class FactorNet(Net):
+    """Notes each step's lr_factor; its optimizer notes each step's learning rate."""
+
+    def __init__(self, mix):
+        super().__init__(mix)
+        self.factors = []
+
+    def training_step(self, batch, batch_idx):
+        step = self.mix.compose(batch)
+        self.factors.append(step.lr_factor)
+        return self.mix.loss(self.model(step.images, step.masks), step)
+
+    def configure_optimizers(self):
+        self.opt = RecordingSGD(self.parameters(), lr=0.05, momentum=0.9)
+        return self.opt
+
+
+def test_the_callback_scales_each_optimizer_steps_lr_and_restores_it(tmp_path):
+    net, mix = fit(tmp_path / "scaled", module=FactorNet)
+    factors, lrs = np.array(net.factors), np.array(net.opt.lrs)
+    assert factors.max() > 1.5 and len(lrs) == len(factors)  # mixed steps carry more samples than passes
+    np.testing.assert_allclose(lrs, 0.05 * factors, rtol=1e-12)
+    assert net.opt.param_groups[0]["lr"] == 0.05  # restored after every step: the schedule never sees it
+    assert not net.opt._optimizer_step_post_hooks  # and the hook leaves with the fit
+    plain_mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1), scale_lr=False)
+    trainer = pl.Trainer(max_epochs=4, callbacks=[plain_mix], default_root_dir=str(tmp_path / "plain"), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         enable_checkpointing=False)
+    plain = FactorNet(plain_mix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(plain, DataLoader(Digits(), batch_size=32))
+    assert max(plain.factors) > 1.5 and set(plain.opt.lrs) == {0.05}  # scale_lr=False: the LR is left alone

@@ -29,6 +29,8 @@ The LightningModule holds an adapted model (:func:`mixtrain.adapt`) and calls th
 Epochs that mix take fewer steps than ``len(train_loader)``: Lightning's step count for the epoch
 (the progress bar, ``estimated_stepping_batches``) is that of an unmixed epoch, and a mixed epoch
 simply ends early; prefer learning-rate schedules by epoch or by samples (``step.global_samples``).
+Within each optimizer step the callback scales the learning rates by the step's ``lr_factor``
+(with SGD, the samples it carries per pass) and restores them after it (``scale_lr``).
 """
 
 from __future__ import annotations
@@ -101,7 +103,12 @@ class MixTrainCallback(pl.Callback):
     images (passes) per step and process (default: the training DataLoader's). ``method``,
     ``opts``, ``seed``, ``label_smoothing``: as for :class:`mixtrain.Mixer`. ``model``: the adapted
     model, when the LightningModule holds more than one (default: the first
-    :class:`~mixtrain.SpatialModel` among its modules).
+    :class:`~mixtrain.SpatialModel` among its modules). ``scale_lr``: during each optimizer step,
+    multiply the (first) optimizer's learning rates by the step's ``lr_factor`` and restore them
+    after it, as the trainer's ``--step-scale`` does (under the default ``auto``: the linear rule
+    with SGD, 1 with other optimizers; with gradient accumulation, the mean factor of the
+    accumulated batches). Your schedule and scheduler never see the scaled values; ``False``
+    leaves the learning rate to you.
 
     In ``training_step`` call :meth:`compose` on the batch and return :meth:`loss` of the model's
     logits. :attr:`history` has one row per trained epoch (passes, samples, mixed fraction, steps),
@@ -111,10 +118,15 @@ class MixTrainCallback(pl.Callback):
     """
 
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, *, method: str = "mixtrain",
-                 opts: MixOptions | None = None, seed: int = 0, label_smoothing: float = 0.0, model=None):
+                 opts: MixOptions | None = None, seed: int = 0, label_smoothing: float = 0.0, model=None,
+                 scale_lr: bool = True):
         self.epochs, self.batch_size = epochs, batch_size
         self.method, self.opts, self.seed, self.label_smoothing = method, opts, seed, label_smoothing
-        self.model = model
+        self.model, self.scale_lr = model, scale_lr
+        self._factors: list[float] = []  # lr_factor of each step composed since the last optimizer step
+        self._unscaled: list | None = None  # the learning rates an optimizer step scaled, to restore
+        self._lr_hooks: list = []
+        self._optimizer = None
         self.mixer: Mixer | None = None
         self.history: list[dict] = []
         self._saved = None  # state restored before the mixer exists (Lightning restores callbacks first)
@@ -136,7 +148,42 @@ class MixTrainCallback(pl.Callback):
                                     "as two arguments") from None
         else:
             images = batch
-        return self.mixer.compose(images, labels)
+        step = self.mixer.compose(images, labels)
+        self._scale_lrs(step.lr_factor)
+        return step
+
+    # -- the learning rate of each optimizer step (scale_lr) ------------------------------------
+    # Lightning runs training_step (compose) inside optimizer.step, as its closure: compose scales
+    # the learning rates, the optimizer's post-step hook restores them, so the step's update uses
+    # the scaled ones and the scheduler, which steps after, never sees them.
+
+    def _hook_optimizer(self, trainer):
+        optimizer = _first_optimizer(trainer)
+        if not self.scale_lr or optimizer is None or self._lr_hooks:
+            return
+        self._optimizer = optimizer
+        self._lr_hooks = [optimizer.register_step_post_hook(self._after_step)]
+
+    def _scale_lrs(self, factor: float):
+        if not self._lr_hooks:
+            return
+        self._factors.append(factor)
+        groups = self._optimizer.param_groups
+        if self._unscaled is None:
+            self._unscaled = [g["lr"] for g in groups]
+        mean = sum(self._factors) / len(self._factors)  # accumulated batches share one step
+        for g, lr in zip(groups, self._unscaled):
+            g["lr"] = lr * mean
+
+    def _restore_lrs(self):
+        if self._unscaled is not None:
+            for g, lr in zip(self._optimizer.param_groups, self._unscaled):
+                g["lr"] = lr
+            self._unscaled = None
+
+    def _after_step(self, optimizer, args, kwargs):
+        self._restore_lrs()
+        self._factors.clear()
 
     def loss(self, logits, step: MixStep):
         """The loss to return from ``training_step``; records the per-sample losses: see
@@ -165,7 +212,12 @@ class MixTrainCallback(pl.Callback):
         source.dataloader = dataloader
 
     def teardown(self, trainer, pl_module, stage: str):
-        """Give the training data source back its own ``dataloader``."""
+        """Give the training data source back its own ``dataloader``, and the optimizer its step."""
+        self._restore_lrs()
+        for hook in self._lr_hooks:
+            hook.remove()
+        self._lr_hooks, self._optimizer = [], None
+        self._factors.clear()
         source = getattr(trainer.fit_loop, "_data_source", None)
         if stage == "fit" and getattr(source, "_mixtrain_original", None) is not None:
             del source.dataloader
@@ -184,6 +236,7 @@ class MixTrainCallback(pl.Callback):
         elif len(loader.dataset) != self.mixer.num_samples:
             raise MixtrainError(f"the training set changed size ({self.mixer.num_samples} -> {len(loader.dataset)} "
                                 "samples): a MixTrainCallback plans one dataset")
+        self._hook_optimizer(trainer)  # this fit's optimizer (a callback may serve more than one fit)
         return _MixedLoader(self.mixer, _loader_like(loader, self.mixer.sampler))
 
     def _make_mixer(self, loader, trainer, pl_module) -> Mixer:
@@ -204,9 +257,9 @@ class MixTrainCallback(pl.Callback):
         if trainer.max_epochs and 0 < trainer.max_epochs < epochs:
             notice(f"MixTrainCallback plans a {epochs}-epoch schedule, but the Trainer stops after "
                    f"{trainer.max_epochs} (max_epochs): its final unmixed epochs will not be reached")
-        if self.opts is not None and self.opts.step_scale in ("sqrt", "linear"):  # asked for, not the default
-            notice(f"MixTrainCallback does not set learning rates: step_scale={self.opts.step_scale!r} reaches "
-                   "the optimizer only if you multiply its LR by step.lr_factor before each optimizer step "
+        if not self.scale_lr and self.opts is not None and self.opts.step_scale in ("sqrt", "linear"):
+            notice(f"MixTrainCallback(scale_lr=False) does not set learning rates: step_scale={self.opts.step_scale!r} "
+                   "reaches the optimizer only if you multiply its LR by step.lr_factor before each optimizer step "
                    "(e.g. in the LightningModule's on_before_optimizer_step)")
         return Mixer(model, len(loader.dataset), epochs, batch_size, method=self.method, opts=self.opts,
                      seed=self.seed, rank=trainer.global_rank, world=trainer.world_size, device=pl_module.device,
@@ -226,7 +279,9 @@ class MixTrainCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         """Refuse a ``training_step`` that did not compose its batch (it would train unmixed and
-        leave the loss memory empty)."""
+        leave the loss memory empty); the learning rates unscaled after a batch that took no
+        optimizer step (accumulating, or skipped by the AMP scaler)."""
+        self._restore_lrs()
         if self._step_before is not None and self._step_before == (self.mixer.epoch, self.mixer.consumed):
             raise MixtrainError(
                 "training_step did not call compose on its batch: the batch holds the step's constituents, not its "
