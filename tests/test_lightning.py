@@ -212,3 +212,23 @@ def test_the_callback_scales_each_optimizer_steps_lr_and_restores_it(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(plain, DataLoader(Digits(), batch_size=32))
     assert max(plain.factors) > 1.5 and set(plain.opt.lrs) == {0.05}  # scale_lr=False: the LR is left alone
+
+
+def test_accumulated_batches_share_one_step_at_their_mean_factor(tmp_path):
+    mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1))
+    trainer = pl.Trainer(max_epochs=4, callbacks=[mix], default_root_dir=str(tmp_path), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         enable_checkpointing=False, accumulate_grad_batches=2)
+    net = FactorNet(mix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, DataLoader(Digits(), batch_size=32))
+    # each epoch's steps, in pairs of batches (Lightning steps on an epoch's odd last batch too)
+    expected, i = [], 0
+    for row in mix.history:
+        steps = net.factors[i: i + row["steps"]]
+        expected += [0.05 * np.mean(steps[j: j + 2]) for j in range(0, len(steps), 2)]
+        i += row["steps"]
+    assert max(net.factors) > 1.5
+    np.testing.assert_allclose(net.opt.lrs, expected, rtol=1e-12)
+    assert net.opt.param_groups[0]["lr"] == 0.05
