@@ -232,3 +232,74 @@ def test_accumulated_batches_share_one_step_at_their_mean_factor(tmp_path):
     assert max(net.factors) > 1.5
     np.testing.assert_allclose(net.opt.lrs, expected, rtol=1e-12)
     assert net.opt.param_groups[0]["lr"] == 0.05
+
+
+class ScheduledNet(FactorNet):
+    """FactorNet with a per-step exponential schedule; ``inf_at``: the global step whose loss is made
+    infinite (the AMP scaler then skips that optimizer step); ``boom_at``: the one that raises."""
+
+    def __init__(self, mix, inf_at=None, boom_at=None):
+        super().__init__(mix)
+        self.inf_at, self.boom_at = inf_at, boom_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == self.boom_at:
+            raise RuntimeError("boom")
+        if self.global_step == self.inf_at and self.factors[-1] > 1:
+            self.inf_at = None
+            return loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        self.opt = RecordingSGD(self.parameters(), lr=0.05, momentum=0.9)
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=0.9)
+        return {"optimizer": self.opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+
+def _fit_quietly(trainer, net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, DataLoader(Digits(), batch_size=32))
+
+
+def _trainer(mix, folder, **kw):
+    return pl.Trainer(max_epochs=4, callbacks=[mix], default_root_dir=str(folder), logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      enable_checkpointing=False, **kw)
+
+
+def test_a_step_the_amp_scaler_skips_leaves_the_schedule_exact(tmp_path):
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1))
+    net = ScheduledNet(mix, inf_at=10)
+    _fit_quietly(_trainer(mix, tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]), net)
+    assert net.inf_at is None and len(net.opt.lrs) == len(net.factors) - 1  # one step was skipped
+    # the scheduler stepped on the restored rate every time: no scaled value leaked into it
+    assert net.opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.9 ** net.sched.last_epoch, rel=1e-12)
+
+
+def test_a_fit_ended_by_an_error_leaves_the_rate_as_found_and_the_callback_reusable(tmp_path):
+    mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1))
+    broken = ScheduledNet(mix, boom_at=10)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit_quietly(_trainer(mix, tmp_path / "a"), broken)
+    assert broken.factors[-1] > 1 and broken.opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.9**10, rel=1e-12)
+    assert not broken.opt._optimizer_step_post_hooks
+    retry = FactorNet(MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1)))
+    retry.mix = mix  # the same callback, a new optimizer
+    mix.mixer = None  # a fresh plan, as for a new fit from scratch
+    _fit_quietly(_trainer(mix, tmp_path / "b"), retry)
+    np.testing.assert_allclose(retry.opt.lrs, 0.05 * np.array(retry.factors), rtol=1e-12)
+
+
+def test_a_module_that_also_scales_is_told(tmp_path):
+    class AlsoScales(FactorNet):  # what the README advised before the callback scaled by itself
+        def on_before_optimizer_step(self, optimizer):
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.factors[-1]
+
+    mix = MixTrainCallback(opts=mt.MixOptions(rule="all", final_unmixed_epochs=1))
+    with pytest.warns(mt.MixtrainWarning, match="also multiplies by step.lr_factor"):
+        _trainer(mix, tmp_path).fit(AlsoScales(mix), DataLoader(Digits(), batch_size=32))

@@ -126,7 +126,10 @@ class MixTrainCallback(pl.Callback):
         self._factors: list[float] = []  # lr_factor of each step composed since the last optimizer step
         self._unscaled: list | None = None  # the learning rates an optimizer step scaled, to restore
         self._lr_hooks: list = []
-        self._optimizer = None
+        self._optimizer = None  # the optimizer whose learning rates are scaled (scale_lr)
+        self._unwrap = None  # gives the strategy back its own optimizer_step
+        self._scaled: list | None = None
+        self._warned_changed = False
         self.mixer: Mixer | None = None
         self.history: list[dict] = []
         self._saved = None  # state restored before the mixer exists (Lightning restores callbacks first)
@@ -153,35 +156,71 @@ class MixTrainCallback(pl.Callback):
         return step
 
     # -- the learning rate of each optimizer step (scale_lr) ------------------------------------
-    # Lightning runs training_step (compose) inside optimizer.step, as its closure: compose scales
-    # the learning rates, the optimizer's post-step hook restores them, so the step's update uses
-    # the scaled ones and the scheduler, which steps after, never sees them.
+    # Lightning runs training_step (compose) inside the optimizer step, as its closure: compose
+    # scales the learning rates, and they are restored as soon as the strategy's optimizer step
+    # returns (taken, or skipped by the AMP scaler) and again by the optimizer's post-step hook (a
+    # torch optimizer stepped directly), so the update uses the scaled ones and the scheduler,
+    # which steps after, never sees them.
 
     def _hook_optimizer(self, trainer):
         optimizer = _first_optimizer(trainer)
-        if not self.scale_lr or optimizer is None or self._lr_hooks:
+        if optimizer is not self._optimizer:
+            self._unhook()  # a fit before this one (ended by an error, or another optimizer)
+        if not self.scale_lr or optimizer is None or self._optimizer is not None:
             return
         self._optimizer = optimizer
-        self._lr_hooks = [optimizer.register_step_post_hook(self._after_step)]
+        self._lr_hooks = [optimizer.register_step_post_hook(lambda *_: self._end_step())]
+        strategy = getattr(trainer, "strategy", None)
+        step = getattr(strategy, "optimizer_step", None)
+        if step is not None:
+            def optimizer_step(opt, *args, **kwargs):
+                try:
+                    return step(opt, *args, **kwargs)
+                finally:
+                    if opt is self._optimizer or getattr(opt, "optimizer", None) is self._optimizer:
+                        self._end_step()
+
+            had_own = "optimizer_step" in vars(strategy)
+            strategy.optimizer_step = optimizer_step
+            self._unwrap = (lambda: setattr(strategy, "optimizer_step", step)) if had_own else (
+                lambda: vars(strategy).pop("optimizer_step", None))
+
+    def _unhook(self):
+        self._restore_lrs()
+        for hook in self._lr_hooks:
+            hook.remove()
+        if self._unwrap is not None:
+            self._unwrap()
+        self._lr_hooks, self._optimizer, self._unwrap = [], None, None
+        self._factors.clear()
 
     def _scale_lrs(self, factor: float):
-        if not self._lr_hooks:
+        if self._optimizer is None:
             return
         self._factors.append(factor)
         groups = self._optimizer.param_groups
         if self._unscaled is None:
             self._unscaled = [g["lr"] for g in groups]
         mean = sum(self._factors) / len(self._factors)  # accumulated batches share one step
-        for g, lr in zip(groups, self._unscaled):
-            g["lr"] = lr * mean
+        self._scaled = [lr * mean for lr in self._unscaled]
+        for g, lr in zip(groups, self._scaled):
+            g["lr"] = lr
 
     def _restore_lrs(self):
-        if self._unscaled is not None:
-            for g, lr in zip(self._optimizer.param_groups, self._unscaled):
-                g["lr"] = lr
-            self._unscaled = None
+        if self._unscaled is None:
+            return
+        groups = self._optimizer.param_groups
+        if not self._warned_changed and any(g["lr"] is not lr for g, lr in zip(groups, self._scaled)):
+            self._warned_changed = True
+            notice("the learning rate changed between MixTrainCallback.compose and the optimizer step, which the "
+                   "callback scales by step.lr_factor (scale_lr=True): if your module also multiplies by "
+                   "step.lr_factor, remove that or pass MixTrainCallback(scale_lr=False); the callback restores "
+                   "the rate it found before the step")
+        for g, lr in zip(groups, self._unscaled):
+            g["lr"] = lr
+        self._unscaled = self._scaled = None
 
-    def _after_step(self, optimizer, args, kwargs):
+    def _end_step(self):
         self._restore_lrs()
         self._factors.clear()
 
@@ -213,11 +252,7 @@ class MixTrainCallback(pl.Callback):
 
     def teardown(self, trainer, pl_module, stage: str):
         """Give the training data source back its own ``dataloader``, and the optimizer its step."""
-        self._restore_lrs()
-        for hook in self._lr_hooks:
-            hook.remove()
-        self._lr_hooks, self._optimizer = [], None
-        self._factors.clear()
+        self._unhook()
         source = getattr(trainer.fit_loop, "_data_source", None)
         if stage == "fit" and getattr(source, "_mixtrain_original", None) is not None:
             del source.dataloader
@@ -276,6 +311,11 @@ class MixTrainCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         """Note where the mixer stands, to check that ``training_step`` composes this batch."""
         self._step_before = None if self.mixer is None else (self.mixer.epoch, self.mixer.consumed)
+
+    def on_exception(self, trainer, pl_module, exception):
+        """A fit ended by an error (Lightning calls no teardown then): the learning rates as found,
+        the optimizer and the strategy without the callback's hooks."""
+        self._unhook()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         """Refuse a ``training_step`` that did not compose its batch (it would train unmixed and
