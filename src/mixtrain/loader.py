@@ -178,16 +178,23 @@ class MixSampler(Sampler):
             yield layout.ids[j].tolist()
 
 
+def torch_optimizer(obj) -> torch.optim.Optimizer | None:
+    """``obj`` when it is a torch optimizer, the one it wraps (``obj.optimizer``: Lightning's,
+    DeepSpeed's, ... wrappers), else None."""
+    for o in (obj, getattr(obj, "optimizer", None)):
+        if isinstance(o, torch.optim.Optimizer):
+            return o
+    return None
+
+
 def _optimizer_name(optimizer) -> str | None:
     """What :meth:`MixOptions.resolved_step_scale` resolves ``auto`` for: the optimizer's name
     (``sgd`` for SGD), or ``None`` when none is given (``auto`` then scales nothing)."""
     if optimizer is None or isinstance(optimizer, str):
         return None if optimizer is None else optimizer.lower()
-    inner = getattr(optimizer, "optimizer", None)  # a wrapper (Lightning's, DeepSpeed's, ...) of a torch optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(inner, torch.optim.Optimizer):
-        optimizer = inner
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return "sgd" if isinstance(optimizer, torch.optim.SGD) else type(optimizer).__name__.lower()
+    inner = torch_optimizer(optimizer)
+    if inner is not None:
+        return "sgd" if isinstance(inner, torch.optim.SGD) else type(inner).__name__.lower()
     raise MixtrainError(f"Mixer(optimizer=...) takes a torch.optim.Optimizer or its name, got {type(optimizer).__name__}")
 
 

@@ -305,12 +305,16 @@ class TrainConfig:
         """Every option as plain data (``config.json``'s layout: mixing options under ``mix``)."""
         return asdict(self)
 
+    def resolved_step_scale(self) -> str:
+        """``mix.step_scale`` with ``auto`` resolved for this run's ``optimizer``."""
+        return self.mix.resolved_step_scale(self.optimizer)
+
     def to_record(self) -> dict:
         """:meth:`to_dict` as a run records it (config.json, a checkpoint, a bench's setup) and
         compares it: ``mix.step_scale`` ``auto`` as what it resolves to for ``optimizer``, so the
         record says what ran, and a later version whose ``auto`` differs cannot mistake it."""
         d = self.to_dict()
-        d["mix"]["step_scale"] = self.mix.resolved_step_scale(self.optimizer)
+        d["mix"]["step_scale"] = self.resolved_step_scale()
         return d
 
     @staticmethod
@@ -392,15 +396,19 @@ def upgrade_config(d: dict, saved: bool = False) -> dict:
     d = dict(d)
     if isinstance(d.get("mix"), dict):
         d["mix"] = dict(d["mix"])
+
+    def holder(name: str):  # (the dict that holds option ``name``, or None; its key there)
+        *outer, key = name.split(".")
+        where = d.get("mix") if outer else d
+        return (where if isinstance(where, dict) else None), key
+
     for old, new in RENAMED.items():
-        (*outer_old, key_old), (*_, key_new) = old.split("."), new.split(".")
-        where = d["mix"] if outer_old and isinstance(d.get("mix"), dict) else (None if outer_old else d)
+        (where, key_old), (_, key_new) = holder(old), holder(new)
         if where is not None and key_old in where and key_new not in where:
             where[key_new] = where.pop(key_old)
     for name, value in SAVED_BEFORE.items() if saved else ():
-        *outer, key = name.split(".")
-        where = d.get("mix") if outer else d
-        if isinstance(where, dict) and key not in where:
+        where, key = holder(name)
+        if where is not None and key not in where:
             where[key] = value
     return d
 

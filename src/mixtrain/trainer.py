@@ -280,7 +280,7 @@ class Trainer:
         """The strategy's options for ``metrics.json``, ``step_scale`` as what ran (not ``auto``)."""
         opts = self.strategy.options()
         if "step_scale" in opts:
-            opts["step_scale"] = self.cfg.mix.resolved_step_scale(self.cfg.optimizer)
+            opts["step_scale"] = self.cfg.resolved_step_scale()
         return opts
 
     def _learning_rates(self, plan, batches) -> np.ndarray:
@@ -293,8 +293,7 @@ class Trainer:
         stretch = n / max(1, plan.samples)
         total = float(self.cfg.epochs * n)
         lrs = step_lrs(batches.global_samples * stretch, float(self.epoch * n), total, self.cfg.lr, self.cfg.lr_warmup)
-        return lrs * self.strategy.lr_factors(batches.global_samples, batches.global_passes,
-                                              self.cfg.mix.resolved_step_scale(self.cfg.optimizer))
+        return lrs * self.strategy.lr_factors(batches.global_samples, batches.global_passes, self.cfg.resolved_step_scale())
 
     def _restore_grad_stats(self, partial: dict | None) -> int:
         """The first step the epoch's gradient-norm statistics cover: this one, or the epoch's

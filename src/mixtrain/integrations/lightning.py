@@ -45,11 +45,10 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "mixtrain.integrations.lightning needs PyTorch Lightning: pip install 'mixtrain[lightning]'"
         ) from e
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import MixtrainError, notice
-from ..loader import Mixer, MixStep
+from ..loader import Mixer, MixStep, torch_optimizer
 from ..models import SpatialModel
 from ..strategies import MixOptions
 
@@ -177,7 +176,7 @@ class MixTrainCallback(pl.Callback):
                 try:
                     return step(opt, *args, **kwargs)
                 finally:
-                    if opt is self._optimizer or getattr(opt, "optimizer", None) is self._optimizer:
+                    if torch_optimizer(opt) is self._optimizer:
                         self._end_step()
 
             had_own = "optimizer_step" in vars(strategy)
@@ -363,8 +362,4 @@ class MixTrainCallback(pl.Callback):
 def _first_optimizer(trainer):
     """The Trainer's first optimizer when it is (or wraps) a torch optimizer, else None: what
     ``step_scale="auto"`` resolves for (none: ``step.lr_factor`` stays 1)."""
-    first = next(iter(getattr(trainer, "optimizers", None) or []), None)
-    for o in (first, getattr(first, "optimizer", None)):
-        if isinstance(o, torch.optim.Optimizer):
-            return o
-    return None
+    return torch_optimizer(next(iter(getattr(trainer, "optimizers", None) or []), None))
