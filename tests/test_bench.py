@@ -420,3 +420,13 @@ def test_a_bench_saved_before_options_were_added_or_renamed_continues(tmp_path, 
     path.write_text(json.dumps(results))
     code, err = _bench_refused(capsys, data, out, "--seeds", "2", "--epochs", "1", "--resume")
     assert code != 0 and "mix.step_scale: 'none' then, 'linear' now" in err and "Give --step-scale as then" in err, err
+
+
+def test_expected_seconds_of_a_method_not_run_yet_is_the_slowest_run():
+    """--stop-after judges a variant's first run by the slowest run so far (not 0 s), so a time
+    limit does not kill it halfway; a method already run is judged by its own runs."""
+    runs = [{"method": "baseline", "epochs": 10, "wall_seconds": 100.0},
+            {"method": "mixtrain", "epochs": 10, "wall_seconds": 60.0}]
+    assert bench._expected_seconds(runs, "mixtrain", 20) == 120.0
+    assert bench._expected_seconds(runs, "mixtrain(confidence=0.4)", 20) == 200.0
+    assert bench._expected_seconds([], "baseline", 20) == 0.0

@@ -682,8 +682,12 @@ def _warm_up(base, data, methods, out: str, session: dict, log):
 
 
 def _expected_seconds(runs: list[dict], method: str, n_epochs: int) -> float:
-    """A run's expected duration: the slowest finished run of its method, scaled to its epochs."""
-    return max((r["wall_seconds"] * n_epochs / r["epochs"] for r in runs if r["method"] == method), default=0.0)
+    """A run's expected duration: the slowest finished run of its method, scaled to its epochs; for a
+    method not run yet, the slowest finished run of any method (the baseline, which makes the most
+    passes), so that ``--stop-after`` does not start a variant's first run that the time limit kills."""
+    def scaled(rs):
+        return max((r["wall_seconds"] * n_epochs / r["epochs"] for r in rs), default=0.0)
+    return scaled([r for r in runs if r["method"] == method]) or scaled(runs)
 
 
 def _timed_run(base, data, method: str, n_epochs: int, seed: int, out: str, session: int) -> dict:

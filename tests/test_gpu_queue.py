@@ -1,0 +1,24 @@
+"""benchmarks/gpu_queue.py: the queue file is read as documented and bad lines are refused."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("gpu_queue", pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_queue.py")
+gpu_queue = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_queue)
+
+
+def test_queue_lines_and_refusals(tmp_path):
+    q = tmp_path / "q.txt"
+    q.write_text("# a comment\n\n0 r50 --model resnet50 --methods 'baseline,mixtrain(step_scale=sqrt)'  # why\n"
+                 "any extra --model resnet18\n")
+    assert gpu_queue.read_queue(str(q)) == [
+        ("0", "r50", ["--model", "resnet50", "--methods", "baseline,mixtrain(step_scale=sqrt)"]),
+        ("any", "extra", ["--model", "resnet18"])]
+    for bad, says in (("gpu0 x --model a", "expected 'GPU NAME"), ("0 x", "expected 'GPU NAME"),
+                      ("1 x --model a --resume", "--resume is set by this script")):
+        q.write_text(bad + "\n")
+        with pytest.raises(SystemExit, match=says):
+            gpu_queue.read_queue(str(q))
