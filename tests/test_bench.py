@@ -430,3 +430,40 @@ def test_expected_seconds_of_a_method_not_run_yet_is_the_slowest_run():
     assert bench._expected_seconds(runs, "mixtrain", 20) == 120.0
     assert bench._expected_seconds(runs, "mixtrain(confidence=0.4)", 20) == 200.0
     assert bench._expected_seconds([], "baseline", 20) == 0.0
+
+
+def test_a_diverged_run_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatch, capsys):
+    """Runs whose loss turns NaN (seed 1) are recorded as diverged, left out of the means and
+    named in the report; the bench's other runs still train, --resume does not retry them, and a
+    merge keeps them."""
+    import torch
+
+    from mixtrain import models as M
+
+    class NanOnSeed1(M.DigitNet):
+        def __init__(self, nc, ic):
+            super().__init__(nc, ic, width=8)
+            self.poisoned = torch.initial_seed() == 1  # the trainer seeds torch with the run's seed
+
+        def forward_features(self, x):
+            f = super().forward_features(x)
+            return f * float("nan") if self.training and self.poisoned else f
+
+    monkeypatch.setitem(M.MODELS, "nanseed1", lambda nc, ic, s: NanOnSeed1(nc, ic))
+    data = _tiny_npz(tmp_path / "data")
+    argv = [*_bench_argv(data, tmp_path / "b", "--seeds", "2", "--epochs", "3", "--progress", "none"), "--model", "nanseed1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "baseline-e3-s1 diverged" in out and "mixtrain-e3-s1 diverged" in out and "non-finite loss" in out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert sorted(r["key"] for r in results["runs"]) == ["baseline-e3-s0", "mixtrain-e3-s0"]
+    assert sorted(d["key"] for d in results["diverged"]) == ["baseline-e3-s1", "mixtrain-e3-s1"]
+    assert bench.missing_runs(results) == []
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "**Diverged**" in report and "mixtrain-e3-s1 (non-finite loss at epoch 1" in report
+    assert "| mixtrain | 3 | 1 |" in report  # the mean is over the one finite seed
+
+    assert main([*argv, "--resume"]) == 0
+    assert "all 4 runs are already in" in capsys.readouterr().out
+    merged = bench.merge_results({"b": results})
+    assert merged["diverged"] == results["diverged"]

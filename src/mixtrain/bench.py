@@ -26,7 +26,7 @@ import shlex
 import sys
 import time
 
-from .errors import MixtrainError
+from .errors import DivergedError, MixtrainError
 from .options import (METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, config_from_args, flag_for,
                       upgrade_config)
 
@@ -343,6 +343,10 @@ def render_report(results: dict) -> str:
     if missing:
         lines.append(f"- **Incomplete**: {len(missing)} of {len(planned)} planned runs missing "
                      f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
+    diverged = results.get("diverged", [])
+    if diverged:
+        lines.append(f"- **Diverged** (stopped at a non-finite loss or weights; left out of the means, not retried by "
+                     f"--resume): " + "; ".join(f"{d['key']} ({d['error'].split(';')[0]})" for d in diverged))
     spiked = [r for r in runs if loss_spikes(r.get("epochs_log", []))]
     if spiked:
         lines.append(f"- **Loss spikes** (an epoch's mean training loss > {100 * SPIKE_RISE:.0f} % above the previous "
@@ -735,7 +739,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
     plan = planned_runs(methods, epochs, seeds)
     results = _open_results(out, setup, dev, vers, resume)
     session = _start_session(results, methods, plan, command, dev, vers)
-    done = {r["key"] for r in results["runs"]}
+    done = {r["key"] for r in results["runs"] + results.get("diverged", [])}
     todo = [p for p in plan if run_key(*p) not in done]
     os.makedirs(out, exist_ok=True)
     if not todo:
@@ -755,7 +759,15 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         if i == 0:  # data and warm-up only once a run will start
             data = _load_bench_data(base, log) if data is None else data
             _warm_up(base, data, dict.fromkeys(m for m, _, _ in todo), out, session, log)
-        run = _timed_run(base, data, method, n_epochs, seed, out, len(results["sessions"]) - 1)
+        try:
+            run = _timed_run(base, data, method, n_epochs, seed, out, len(results["sessions"]) - 1)
+        except DivergedError as e:  # a result of the comparison, not a reason to drop the bench's other runs
+            key = run_key(method, n_epochs, seed)
+            results.setdefault("diverged", []).append({"key": key, "method": method, "epochs": n_epochs, "seed": seed,
+                                                       "session": len(results["sessions"]) - 1, "error": str(e)})
+            _write_json(path, results)
+            log(f"{key} diverged and is left out of the means (--resume does not retry it): {e}")
+            continue
         results["runs"].append(run)
         _write_json(path, results)  # partial results survive a time limit
         log(f"[{len(results['runs'])}/{len(results['planned'])}] {run['key']}: {run['train_seconds']:.1f} s train, "
@@ -792,8 +804,8 @@ def cmd_bench(args):
 
 
 def missing_runs(results: dict) -> list[str]:
-    """The keys of the runs a bench planned and has not trained yet."""
-    done = {r["key"] for r in results.get("runs", [])}
+    """The keys of the runs a bench planned and has not trained yet (a diverged run was trained)."""
+    done = {r["key"] for r in results.get("runs", []) + results.get("diverged", [])}
     return [k for k in results.get("planned", []) if k not in done]
 
 
@@ -848,16 +860,19 @@ def merge_results(parts: dict[str, dict]) -> dict:
                                     "timings would not be comparable")
     owner: dict[str, str] = {}
     for d, r in parts.items():
-        for run in r["runs"]:
+        for run in r["runs"] + r.get("diverged", []):
             if run["key"] in owner:
                 raise MixtrainError(f"cannot merge: run {run['key']} is in both {owner[run['key']]} and {d}")
             owner[run["key"]] = d
-    merged = {k: v for k, v in first.items() if k not in ("methods", "planned", "sessions", "runs")}
+    merged = {k: v for k, v in first.items() if k not in ("methods", "planned", "sessions", "runs", "diverged")}
     for key in ("methods", "planned"):
         merged[key] = list(dict.fromkeys(x for r in parts.values() for x in r.get(key, [])))
     # each session remembers its part, so the report tells runs side by side from continuations
     merged["sessions"] = [{**s, "part": s.get("part", d)} for d, r in parts.items() for s in r["sessions"]]
     merged["runs"] = [run for r in parts.values() for run in r["runs"]]
+    diverged = [run for r in parts.values() for run in r.get("diverged", [])]
+    if diverged:
+        merged["diverged"] = diverged
     return merged
 
 

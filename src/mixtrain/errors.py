@@ -68,12 +68,17 @@ class OptionError(MixtrainError):
                 parts.append("{" + f + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
         return OptionError("".join(parts), **self.values)
 
-    def __reduce__(self):  # pickled (a worker process's error) with its template and values
-        return _option_error, (self.template, self.values)
+    def __reduce__(self):  # pickled (a worker process's error) with its class, template and values
+        return _option_error, (self.template, self.values, type(self))
 
 
-def _option_error(template: str, values: dict) -> OptionError:
-    return OptionError(template, **values)
+def _option_error(template: str, values: dict, cls=OptionError) -> OptionError:
+    return cls(template, **values)
+
+
+class DivergedError(OptionError):
+    """A run stopped because its loss or weights became non-finite (the message says where and
+    which checkpoint is the last good one). A bench records such a run and goes on with the next."""
 
 
 class _OptionNames(string.Formatter):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import OptionError
+from .errors import DivergedError, OptionError
 
 FINITE_CHECK_EVERY = 25  # steps between the early, non-blocking looks at an epoch's step losses
 
@@ -84,7 +84,7 @@ class StepLosses:
         bad = np.flatnonzero(~np.isfinite(losses))
         s = self.dist.first_flag(torch.tensor(int(bad[0]) if len(bad) else -1, device=self.device))
         if s >= 0:
-            raise OptionError("non-finite loss at epoch {e}, step {s}; stopped. Last good checkpoint: {last_good}. "
+            raise DivergedError("non-finite loss at epoch {e}, step {s}; stopped. Last good checkpoint: {last_good}. "
                               "Try a lower {lr}.", e=epoch + 1, s=s + 1, last_good=last_good)
         return losses
 
@@ -157,7 +157,7 @@ class Checkpoints:
     def save(self, where: str, model: torch.nn.Module, state):
         """Check the weights (one sync), then write ``state()`` (main process) and remember ``where``."""
         if not weights_finite(model):
-            raise OptionError("non-finite weights at {where}; stopped. Last good checkpoint: {last_good}. Try a lower {lr}.",
+            raise DivergedError("non-finite weights at {where}; stopped. Last good checkpoint: {last_good}. Try a lower {lr}.",
                               where=where, last_good=self.describe_last_good())
         if self.is_main and self.enabled:
             self.writer.save(state(), self.path)
