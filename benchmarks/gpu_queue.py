@@ -16,7 +16,11 @@ own jobs are done. ``NAME`` is the job's folder under ``--work`` (and under ``--
 bench arguments are those of ``python3 -m mixtrain bench`` without ``--out``, ``--device``,
 ``--resume`` and ``--stop-after``, which this script sets.
 
-    PYTHONPATH=src python3 benchmarks/gpu_queue.py QUEUE --seconds 560 --work /root/w --copy-to $OUT
+    PYTHONPATH=src python3 benchmarks/gpu_queue.py QUEUE --seconds 560 --work /root/w --tar $OUT/w.tar
+
+``--tar`` rewrites one tar of the whole work folder (logs and results, no weights) after every job:
+the lent machines hand back only a few files per call, and a tar written after each job survives a
+call that ends early.
 
 What it times: nothing itself; each bench records its own times. Hardware and versions are in each
 bench's results.json.
@@ -30,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -59,10 +64,20 @@ def copy_results(src: str, dst: str) -> None:
         shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "*.pth"))
 
 
+def write_tar(work: str, path: str) -> None:
+    """``work`` (without model weights) as one tar at ``path``, replaced atomically."""
+    if not os.path.isdir(work):
+        return
+    tmp = f"{path}.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(work, arcname=".", filter=lambda m: None if m.name.endswith((".pt", ".pth")) else m)
+    os.replace(tmp, path)
+
+
 def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, copy_to: str | None,
             device: str = "cuda") -> None:
     left = deadline - time.time() - MARGIN_S
-    if left < 30:
+    if left < 60:  # not even a bench's data loading and warm-up would fit
         print(f"[gpu {gpu}] {name}: skipped, {left:.0f} s left", flush=True)
         return
     out = os.path.join(work, name)
@@ -89,23 +104,32 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, required=True, help="deadline: this many seconds from now")
     p.add_argument("--work", required=True, help="folder of the benches (kept on the machine between calls)")
     p.add_argument("--copy-to", help="folder to copy each bench's results and log to when it stops (e.g. $OUT)")
+    p.add_argument("--tar", help="after every job, write the work folder (no weights) as one tar here (e.g. $OUT/w.tar)")
     p.add_argument("--device", default="cuda", help="--device of every bench (cpu for a dry run)")
     a = p.parse_args(argv)
     deadline = time.time() + a.seconds
     jobs = read_queue(a.queue)
     shared = [j for j in jobs if j[0] == "any"]
     lock = threading.Lock()
+    tar_lock = threading.Lock()
+
+    def job(gpu: str, name: str, args: list[str]) -> None:
+        run_job(gpu, name, args, deadline, a.work, a.copy_to, a.device)
+        if a.tar:
+            with tar_lock:
+                write_tar(a.work, a.tar)
+
     gpus = sorted({j[0] for j in jobs if j[0] != "any"}) or ["0"]
 
     def worker(gpu: str) -> None:
         for _, name, args in [j for j in jobs if j[0] == gpu]:
-            run_job(gpu, name, args, deadline, a.work, a.copy_to, a.device)
+            job(gpu, name, args)
         while True:
             with lock:
                 if not shared:
                     return
                 _, name, args = shared.pop(0)
-            run_job(gpu, name, args, deadline, a.work, a.copy_to, a.device)
+            job(gpu, name, args)
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:

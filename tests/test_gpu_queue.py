@@ -22,3 +22,18 @@ def test_queue_lines_and_refusals(tmp_path):
         q.write_text(bad + "\n")
         with pytest.raises(SystemExit, match=says):
             gpu_queue.read_queue(str(q))
+
+
+def test_tar_of_the_work_folder_leaves_out_weights(tmp_path):
+    import tarfile
+
+    work = tmp_path / "w"
+    (work / "bench" / "runs" / "r").mkdir(parents=True)
+    (work / "bench" / "results.json").write_text("{}")
+    (work / "bench" / "runs" / "r" / "checkpoint.pt").write_bytes(b"x" * 100)
+    (work / "bench.log").write_text("log")
+    gpu_queue.write_tar(str(work), str(tmp_path / "w.tar"))
+    with tarfile.open(tmp_path / "w.tar") as tar:
+        names = set(tar.getnames())
+    assert {"./bench/results.json", "./bench.log"} <= names and not any(n.endswith(".pt") for n in names)
+    assert not (tmp_path / "w.tar.tmp").exists()
