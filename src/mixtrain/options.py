@@ -231,7 +231,7 @@ class TrainConfig:
                            group=OPTIMISATION)
     optimizer: str = option(
         "sgd", "sgd (with --momentum and --nesterov) or adamw (the usual choice for ViTs: give it its own --lr, e.g. "
-        "1e-3, and --weight-decay, e.g. 0.05)", group=OPTIMISATION, choices=("sgd", "adamw"))
+        "5e-4, and --weight-decay, e.g. 0.05)", group=OPTIMISATION, choices=("sgd", "adamw"))
     momentum: float = option(0.9, "SGD momentum", group=OPTIMISATION)
     nesterov: bool = option(True, "Nesterov momentum", group=OPTIMISATION)
     weight_decay: float = option(5e-4, "weight decay (not on biases and norm weights)", group=OPTIMISATION)
