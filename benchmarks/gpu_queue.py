@@ -1,5 +1,5 @@
 """Run a queue of `mixtrain bench` jobs on the GPUs of one host until a deadline, one job per GPU at
-a time, and copy each job's results out as soon as it stops.
+a time, keeping one tar of all their results current.
 
 Made for the lent GPU machines: a call may run at most ten minutes and the machine is kept while
 calls follow each other, so a queue longer than one call is run by the same command in several
@@ -12,9 +12,11 @@ Queue file, one job per line (``#`` starts a comment)::
     GPU  NAME  BENCH ARGUMENTS...
 
 ``GPU`` is the index of the GPU that runs the job, or ``any``: a job taken by the first GPU whose
-own jobs are done. ``NAME`` is the job's folder under ``--work`` (and under ``--copy-to``). The
-bench arguments are those of ``python3 -m mixtrain bench`` without ``--out``, ``--device``,
-``--resume`` and ``--stop-after``, which this script sets.
+own jobs are done (and, once started, kept on that GPU in later calls, so that a bench's runs
+compare on one device). ``NAME`` is the job's folder under ``--work``. The bench arguments are
+those of ``python3 -m mixtrain bench`` without ``--out``, ``--device``, ``--devices``,
+``--resume`` and ``--stop-after``, which this script sets; they are parsed before anything runs.
+The script exits 1 if a bench exited non-zero or was stopped by the deadline.
 
     PYTHONPATH=src python3 benchmarks/gpu_queue.py QUEUE --seconds 560 --work /root/w --tar $OUT/w.tar
 
@@ -31,19 +33,27 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 
-MARGIN_S = 15  # kept free before the deadline for writing results and copying them out
+MARGIN_S = 15  # kept free before the deadline for writing results and the tar
+START_S = 30  # a bench's own clock starts after Python, torch and CUDA have started: --stop-after leaves this
+RESERVED = {"bench_out": "--out", "device": "--device", "devices": "--devices", "bench_resume": "--resume",
+            "stop_after": "--stop-after"}
 
 
 def read_queue(path: str) -> list[tuple[str, str, list[str]]]:
-    """``[(gpu, name, bench args)]`` from the queue file; refuses what this script sets itself."""
-    jobs = []
+    """``[(gpu, name, bench args)]`` from the queue file. Each line's arguments are parsed by the
+    bench's own parser here, so a typo fails now and not on the GPU machine; the options this script
+    sets itself are refused, in any spelling argparse accepts (``--out=X``, ``--res``)."""
+    from mixtrain.cli import build_parser
+
+    parser = build_parser()
+    defaults = parser.parse_args(["bench"])
+    jobs, names = [], set()
     with open(path) as f:
         for n, line in enumerate(f, 1):
             words = shlex.split(line, comments=True)
@@ -51,40 +61,56 @@ def read_queue(path: str) -> list[tuple[str, str, list[str]]]:
                 continue
             if len(words) < 3 or not (words[0] == "any" or words[0].isdigit()):
                 raise SystemExit(f"error: {path}:{n}: expected 'GPU NAME BENCH-ARGS...' (GPU a number or 'any')")
-            taken = {"--out", "--device", "--devices", "--resume", "--stop-after"} & set(words[2:])
+            gpu, name, args = words[0], words[1], words[2:]
+            if name in names:
+                raise SystemExit(f"error: {path}:{n}: the name {name} is used twice: two benches would write one folder")
+            names.add(name)
+            try:
+                parsed = parser.parse_args(["bench", *args])
+            except SystemExit:
+                raise SystemExit(f"error: {path}:{n}: the bench arguments above do not parse") from None
+            taken = [flag for dest, flag in RESERVED.items() if getattr(parsed, dest) != getattr(defaults, dest)]
             if taken:
-                raise SystemExit(f"error: {path}:{n}: {', '.join(sorted(taken))} is set by this script")
-            jobs.append((words[0], words[1], words[2:]))
+                raise SystemExit(f"error: {path}:{n}: {', '.join(taken)} is set by this script")
+            jobs.append((gpu, name, args))
     return jobs
 
 
-def copy_results(src: str, dst: str) -> None:
-    """The bench folder without model weights (checkpoints stay on the machine)."""
-    if os.path.isdir(src):
-        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "*.pth"))
-
-
 def write_tar(work: str, path: str) -> None:
-    """``work`` (without model weights) as one tar at ``path``, replaced atomically."""
+    """``work`` as one tar at ``path``, replaced atomically: logs and results, no model weights and
+    no temporary files. The other GPU's bench writes into ``work`` meanwhile, so a file that
+    vanishes between listing and reading is left out (the next tar has it)."""
     if not os.path.isdir(work):
         return
     tmp = f"{path}.tmp"
     with tarfile.open(tmp, "w") as tar:
-        tar.add(work, arcname=".", filter=lambda m: None if m.name.endswith((".pt", ".pth")) else m)
+        for root, dirs, files in os.walk(work):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith((".pt", ".pth", ".tmp")):
+                    continue
+                full = os.path.join(root, f)
+                try:
+                    tar.add(full, arcname=os.path.relpath(full, work))
+                except (FileNotFoundError, OSError):  # replaced or removed while being read
+                    continue
     os.replace(tmp, path)
 
 
-def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, copy_to: str | None,
-            device: str = "cuda") -> None:
+def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, device: str = "cuda"):
+    """Run (or continue) one bench on ``gpu``; returns its exit code, ``"timeout"``, or None if
+    too little time was left to start it."""
     left = deadline - time.time() - MARGIN_S
-    if left < 60:  # not even a bench's data loading and warm-up would fit
-        print(f"[gpu {gpu}] {name}: skipped, {left:.0f} s left", flush=True)
-        return
+    if left < 90:  # not even a bench's start, data loading and warm-up would fit
+        print(f"[gpu {gpu}] {name}: not started, {left:.0f} s left", flush=True)
+        return None
     out = os.path.join(work, name)
     cmd = [sys.executable, "-m", "mixtrain", "bench", *args, "--device", device, "--out", out, "--resume",
-           "--stop-after", f"{left - 5:.0f}"]
+           "--stop-after", f"{left - START_S:.0f}"]
     print(f"[gpu {gpu}] {name}: {shlex.join(cmd)}", flush=True)
     os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, f"{name}.gpu"), "w") as f:  # a continued bench stays on this GPU
+        f.write(gpu)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
     t0 = time.time()
     with open(os.path.join(work, f"{name}.log"), "a") as log:
@@ -93,9 +119,22 @@ def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, co
         except subprocess.TimeoutExpired:
             rc = "timeout"
     print(f"[gpu {gpu}] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
-    if copy_to:
-        copy_results(out, os.path.join(copy_to, name))
-        shutil.copy(os.path.join(work, f"{name}.log"), os.path.join(copy_to, f"{name}.log"))
+    return rc
+
+
+def pinned_gpu(work: str, name: str) -> str | None:
+    """The GPU a bench started on in an earlier call (each bench's runs compare on one device)."""
+    try:
+        with open(os.path.join(work, f"{name}.gpu")) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def main(argv=None) -> int:
@@ -103,40 +142,63 @@ def main(argv=None) -> int:
     p.add_argument("queue")
     p.add_argument("--seconds", type=float, required=True, help="deadline: this many seconds from now")
     p.add_argument("--work", required=True, help="folder of the benches (kept on the machine between calls)")
-    p.add_argument("--copy-to", help="folder to copy each bench's results and log to when it stops (e.g. $OUT)")
     p.add_argument("--tar", help="after every job, write the work folder (no weights) as one tar here (e.g. $OUT/w.tar)")
+    p.add_argument("--gpus", help="the GPU indices to use, e.g. 0,1 (default: every GPU torch sees; with --device cpu, "
+                                  "the indices the queue names)")
     p.add_argument("--device", default="cuda", help="--device of every bench (cpu for a dry run)")
     a = p.parse_args(argv)
     deadline = time.time() + a.seconds
     jobs = read_queue(a.queue)
+    named = sorted({j[0] for j in jobs if j[0] != "any"}, key=int)
+    if a.gpus:
+        gpus = [g.strip() for g in a.gpus.split(",") if g.strip()]
+    else:
+        gpus = (visible_gpus() if a.device == "cuda" else named) or ["0"]
+    missing = [g for g in named if g not in gpus]
+    if missing:
+        raise SystemExit(f"error: the queue names GPU {', '.join(missing)}, but only {', '.join(gpus)} are used (--gpus)")
     shared = [j for j in jobs if j[0] == "any"]
-    lock = threading.Lock()
-    tar_lock = threading.Lock()
+    lock, tar_lock = threading.Lock(), threading.Lock()
+    outcomes: dict[str, object] = {}
 
     def job(gpu: str, name: str, args: list[str]) -> None:
-        run_job(gpu, name, args, deadline, a.work, a.copy_to, a.device)
+        try:
+            outcomes[name] = run_job(gpu, name, args, deadline, a.work, a.device)
+        except Exception as e:  # noqa: BLE001 -- one job's failure must not idle its GPU for the rest of the call
+            outcomes[name] = f"failed: {e!r}"
+            print(f"[gpu {gpu}] {name}: {outcomes[name]}", flush=True)
         if a.tar:
             with tar_lock:
-                write_tar(a.work, a.tar)
+                try:
+                    write_tar(a.work, a.tar)
+                except Exception as e:  # noqa: BLE001
+                    print(f"[gpu {gpu}] tar failed: {e!r}", flush=True)
 
-    gpus = sorted({j[0] for j in jobs if j[0] != "any"}) or ["0"]
+    def next_shared(gpu: str):
+        with lock:
+            for i, (_, name, args) in enumerate(shared):
+                if pinned_gpu(a.work, name) in (None, gpu):
+                    del shared[i]
+                    return name, args
+        return None
 
     def worker(gpu: str) -> None:
         for _, name, args in [j for j in jobs if j[0] == gpu]:
             job(gpu, name, args)
-        while True:
-            with lock:
-                if not shared:
-                    return
-                _, name, args = shared.pop(0)
-            job(gpu, name, args)
+        while (taken := next_shared(gpu)) is not None:
+            job(gpu, *taken)
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return 0
+    bad = {n: o for n, o in outcomes.items() if o not in (0, None)}
+    waiting = [n for n, o in outcomes.items() if o is None] + [n for _, n, _ in shared]
+    print(f"done: {sum(o == 0 for o in outcomes.values())} benches exited 0"
+          + (f"; not started for lack of time: {', '.join(waiting)}" if waiting else "")
+          + (f"; problems: {', '.join(f'{n} ({o})' for n, o in bad.items())}" if bad else ""), flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -461,7 +461,9 @@ def test_a_diverged_run_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatch,
     assert bench.missing_runs(results) == []
     report = (tmp_path / "b" / "report.md").read_text()
     assert "**Diverged**" in report and "mixtrain-e3-s1 (non-finite loss at epoch 1" in report
-    assert "| mixtrain | 3 | 1 |" in report  # the mean is over the one finite seed
+    assert "| mixtrain | 3 | 1 (+1 diverged) |" in report  # the mean is over the one finite seed
+    assert "| baseline-e3-s1 | diverged: non-finite loss at epoch 1" in report
+    assert "Try a lower --lr" in results["diverged"][0]["error"]  # as the command line names it
 
     assert main([*argv, "--resume"]) == 0
     assert "all 4 runs are already in" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """benchmarks/gpu_queue.py: the queue file is read as documented and bad lines are refused."""
 
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -18,7 +19,12 @@ def test_queue_lines_and_refusals(tmp_path):
         ("0", "r50", ["--model", "resnet50", "--methods", "baseline,mixtrain(step_scale=sqrt)"]),
         ("any", "extra", ["--model", "resnet18"])]
     for bad, says in (("gpu0 x --model a", "expected 'GPU NAME"), ("0 x", "expected 'GPU NAME"),
-                      ("1 x --model a --resume", "--resume is set by this script")):
+                      ("1 x --model a --resume", "--resume is set by this script"),
+                      ("1 x --out=/tmp/y", "--out is set by this script"),
+                      ("1 x --stop-a 30", "--stop-after is set by this script"),  # an abbreviation argparse accepts
+                      ("1 x --devices=cuda:0,cuda:1", "--devices is set by this script"),
+                      ("1 x --no-such-flag 3", "do not parse"),
+                      ("0 x --model a\n1 x --model b", "the name x is used twice")):
         q.write_text(bad + "\n")
         with pytest.raises(SystemExit, match=says):
             gpu_queue.read_queue(str(q))
@@ -35,5 +41,35 @@ def test_tar_of_the_work_folder_leaves_out_weights(tmp_path):
     gpu_queue.write_tar(str(work), str(tmp_path / "w.tar"))
     with tarfile.open(tmp_path / "w.tar") as tar:
         names = set(tar.getnames())
-    assert {"./bench/results.json", "./bench.log"} <= names and not any(n.endswith(".pt") for n in names)
+    assert {"bench/results.json", "bench.log"} <= names and not any(n.endswith(".pt") for n in names)
     assert not (tmp_path / "w.tar.tmp").exists()
+
+
+def test_tar_while_another_bench_replaces_its_files(tmp_path):
+    """A bench on the other GPU rewrites its results (temporary file, then rename) while the tar is
+    written: the tar never fails and never holds a temporary file."""
+    import tarfile
+    import threading
+
+    work = tmp_path / "w"
+    (work / "b").mkdir(parents=True)
+    stop = threading.Event()
+
+    def rewrite():
+        i = 0
+        while not stop.is_set():
+            tmp = work / "b" / "results.json.tmp"
+            tmp.write_text("x" * (1000 + i % 7))
+            os.replace(tmp, work / "b" / "results.json")
+            i += 1
+
+    t = threading.Thread(target=rewrite)
+    t.start()
+    try:
+        for _ in range(100):
+            gpu_queue.write_tar(str(work), str(tmp_path / "w.tar"))
+    finally:
+        stop.set()
+        t.join()
+    with tarfile.open(tmp_path / "w.tar") as tar:
+        assert not any(n.endswith(".tmp") for n in tar.getnames())

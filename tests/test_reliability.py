@@ -385,6 +385,34 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(metho
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_diverged_run_closes_its_image_source_and_raises_diverged_error(npz_dir, tmp_path, monkeypatch):
+    """A bench goes on after a diverged run in the same process, so the run must let go of what it
+    holds: the step-image source (a streamed one has a gathering thread) is closed when a step
+    raises, and the error is a DivergedError that the bench can tell from other errors."""
+    from mixtrain.data import TensorData
+    from mixtrain.errors import DivergedError
+
+    # 200 samples / batch 4 = 50 steps an epoch: step 54 is epoch 2, step 4, found by the early
+    # look at step 25 of that epoch (FINITE_CHECK_EVERY), i.e. inside the step loop
+    monkeypatch.setitem(M.MODELS, "faulty", lambda nc, ic, s: FaultyNet(nc, ic, at=54, fault="loss"))
+    opened, closed = [], []
+    real = TensorData.step_images
+
+    def tracked(self, batches, device, start=0):
+        source = real(self, batches, device, start)
+        opened.append(source)
+        close = source.close
+        source.close = lambda: (closed.append(source), close())
+        return source
+
+    monkeypatch.setattr(TensorData, "step_images", tracked)
+    cfg = TrainConfig(data=f"npz:{npz_dir}", model="faulty", method="baseline", epochs=3, batch_size=4, lr=0.05,
+                      device="cpu", progress="none", out=str(tmp_path), save_checkpoints=False)
+    with pytest.raises(DivergedError, match="non-finite loss at epoch 2, step 4"):
+        Trainer(cfg).fit()
+    assert len(opened) == 2 and closed == opened  # epoch 1 and the epoch that diverged
+
+
 def test_nan_loss_found_at_mid_epoch_checkpoint(npz_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(M.MODELS, "faulty", lambda nc, ic, s: FaultyNet(nc, ic, at=14, fault="loss"))
     rc = _train_cli(npz_dir, tmp_path, "--checkpoint-every", "3", model="faulty")

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 from .batches import Batch, EpochBatches
 from .compose import Augment, Normalizer, compose, pool_masks
 from .data import load_data
-from .errors import MixtrainError, MixtrainWarning, OptionError
+from .errors import DivergedError, MixtrainError, MixtrainWarning, OptionError
 from .loader import Mixer, MixSampler, MixStep
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
@@ -31,6 +31,7 @@ __all__ = [
     "Baseline",
     "Batch",
     "CutMix",
+    "DivergedError",
     "EpochBatches",
     "EpochPlan",
     "LossMemory",

@@ -27,8 +27,8 @@ import sys
 import time
 
 from .errors import DivergedError, MixtrainError
-from .options import (METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, config_from_args, flag_for,
-                      upgrade_config)
+from .options import (METHODS, NOT_BENCH_SETUP, RENAMED, add_debug_option, add_train_options, cli_message, config_from_args,
+                      flag_for, upgrade_config)
 
 FORMAT = "mixtrain-bench/1"
 RESULTS = "results.json"
@@ -338,23 +338,8 @@ def render_report(results: dict) -> str:
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("gpu", "cpu")))
     lines.append(f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (mean ± sample std over seeds, n - 1)")
     lines.append(f"- Setup: {_setup_summary(setup)} (every option in results.json)")
-    planned = results.get("planned", [])
-    missing = missing_runs(results)
-    if missing:
-        lines.append(f"- **Incomplete**: {len(missing)} of {len(planned)} planned runs missing "
-                     f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
+    lines += _report_warnings(results)
     diverged = results.get("diverged", [])
-    if diverged:
-        lines.append(f"- **Diverged** (stopped at a non-finite loss or weights; left out of the means, not retried by "
-                     f"--resume): " + "; ".join(f"{d['key']} ({d['error'].split(';')[0]})" for d in diverged))
-    spiked = [r for r in runs if loss_spikes(r.get("epochs_log", []))]
-    if spiked:
-        lines.append(f"- **Loss spikes** (an epoch's mean training loss > {100 * SPIKE_RISE:.0f} % above the previous "
-                     f"epoch's): {len(spiked)} of {len(runs)} runs ({', '.join(r['key'] for r in spiked[:8])}"
-                     f"{', ...' if len(spiked) > 8 else ''}); see the spike column below")
-    compiled = [r["key"] for r in runs if r.get("compiled_graphs")]
-    if compiled:
-        lines.append(f"- **Warning**: torch.compile built new graphs inside timed runs: {', '.join(compiled)}")
     lines += ["", f"Timing: {results.get('timing', TIMING_NOTE)}", ""]
     lines.append(
         "Speedup = same-epoch baseline train seconds / method train seconds; pass ratio = same-epoch "
@@ -364,16 +349,50 @@ def render_report(results: dict) -> str:
     )
     lines += ["", "| method | epochs | seeds | passes | train s (mean) | test acc % (mean ± std) | speedup | pass ratio | gain at equal time |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lost = {}  # (method, epochs) -> runs that diverged, beside the seeds that count
+    for d in diverged:
+        lost[(d["method"], d["epochs"])] = lost.get((d["method"], d["epochs"]), 0) + 1
     for r in rows:
         acc = _pct(r["accuracy"]) + (f" ± {_pct(r['accuracy_std'])}" if r["accuracy_std"] is not None else "")
+        n = f"{r['n']} (+{lost[(r['method'], r['epochs'])]} diverged)" if (r["method"], r["epochs"]) in lost else r["n"]
         lines.append(
-            f"| {r['method']} | {r['epochs']} | {r['n']} | {r['passes']:,.0f} | {r['train_seconds']:.1f} | {acc} | "
+            f"| {r['method']} | {r['epochs']} | {n} | {r['passes']:,.0f} | {r['train_seconds']:.1f} | {acc} | "
             f"{_ratio(r['speedup'])} | {_ratio(r['pass_ratio'])} | {_gain_text(r, rows, reference)} |"
         )
     lines += ["", "![test accuracy vs train seconds](frontier.png)", "",
               "![samples trained mixed per epoch, one panel per method](mixing.png)", "", "## Every run", "",
               "| run | train s | passes | samples | test acc % | eval s | loss spikes (epochs) | max grad norm |",
               "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines += _every_run_rows(runs, diverged)
+    return "\n".join(lines) + "\n"
+
+
+def _report_warnings(results: dict) -> list[str]:
+    """The report's warning lines: runs missing, diverged, with loss spikes, or that compiled."""
+    runs, lines = results.get("runs", []), []
+    missing = missing_runs(results)
+    if missing:
+        lines.append(f"- **Incomplete**: {len(missing)} of {len(results.get('planned', []))} planned runs missing "
+                     f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); continue with --resume")
+    diverged = results.get("diverged", [])
+    if diverged:
+        lines.append(f"- **Diverged** (stopped at a non-finite loss or weights; left out of the means, so a method's "
+                     f"mean may cover other seeds than the baseline's; not retried by --resume): "
+                     + "; ".join(f"{d['key']} ({d.get('error', '?').split(';')[0]})" for d in diverged))
+    spiked = [r for r in runs if loss_spikes(r.get("epochs_log", []))]
+    if spiked:
+        lines.append(f"- **Loss spikes** (an epoch's mean training loss > {100 * SPIKE_RISE:.0f} % above the previous "
+                     f"epoch's): {len(spiked)} of {len(runs)} runs ({', '.join(r['key'] for r in spiked[:8])}"
+                     f"{', ...' if len(spiked) > 8 else ''}); see the spike column below")
+    compiled = [r["key"] for r in runs if r.get("compiled_graphs")]
+    if compiled:
+        lines.append(f"- **Warning**: torch.compile built new graphs inside timed runs: {', '.join(compiled)}")
+    return lines
+
+
+def _every_run_rows(runs: list[dict], diverged: list[dict]) -> list[str]:
+    """The rows of the report's "Every run" table: finished runs, then diverged ones."""
+    lines = []
     for r in sorted(runs, key=lambda r: (r["method"], r["epochs"], r["seed"])):
         log = r.get("epochs_log", [])
         spikes = ", ".join(map(str, loss_spikes(log))) or "-"
@@ -381,7 +400,9 @@ def render_report(results: dict) -> str:
         lines.append(f"| {r['key']} | {r['train_seconds']:.2f} | {r['passes']:,} | {r['samples']:,} | "
                      f"{_pct(r['test_accuracy'])} | {r.get('eval_seconds', 0.0):.2f} | {spikes} | "
                      f"{f'{max(norms):.1f}' if norms else '-'} |")
-    return "\n".join(lines) + "\n"
+    for d in sorted(diverged, key=lambda d: (d["method"], d["epochs"], d["seed"])):
+        lines.append(f"| {d['key']} | diverged: {d.get('error', '?').split(';')[0]} | | | | | | |")
+    return lines
 
 
 def plot_frontier(rows: list[dict], path: str, title: str = ""):
@@ -678,7 +699,11 @@ def _warm_up(base, data, methods, out: str, session: dict, log):
         cfg.mix.rule = "all"
         cfg.mix.final_unmixed_epochs = 0  # its last epoch mixes
         t0 = time.perf_counter()
-        Trainer(cfg, data=warm_data).fit()
+        try:
+            Trainer(cfg, data=warm_data).fit()
+        except DivergedError as e:  # its weights are thrown away; the timed runs are what count
+            log(f"warm-up {method} diverged ({cli_message(e).split(';')[0]}); its timed runs may include "
+                "set-up the warm-up did not finish")
         session["warmup_seconds"][method] = time.perf_counter() - t0
         log(f"warm-up {method}: {session['warmup_seconds'][method]:.1f} s (untimed)")
     if base.compile and graphs is not None:
@@ -713,6 +738,37 @@ def _timed_run(base, data, method: str, n_epochs: int, seed: int, out: str, sess
     return run
 
 
+def _out_of_time(elapsed: float, stop_after: float, results: dict, todo: list, i: int, log) -> bool:
+    """Whether ``todo[i]`` would overrun ``stop_after`` (said in the log when so)."""
+    method, n_epochs, seed = todo[i]
+    expected = _expected_seconds(results["runs"], method, n_epochs)
+    if elapsed + expected <= stop_after:
+        return False
+    log(f"stopping before {run_key(method, n_epochs, seed)}: {elapsed:.0f} s elapsed (+{expected:.0f} s "
+        f"expected) of --stop-after {stop_after:.0f} s; {len(todo) - i} runs left, continue with --resume")
+    return True
+
+
+def _run_into(results: dict, path: str, base, data, method: str, n_epochs: int, seed: int, out: str, log):
+    """Train one run and add it to ``results`` (written to ``path`` at once, so partial results
+    survive a time limit): under ``runs``, or under ``diverged`` if its loss or weights became
+    non-finite -- a result of the comparison, not a reason to drop the bench's other runs."""
+    session = len(results["sessions"]) - 1
+    try:
+        run = _timed_run(base, data, method, n_epochs, seed, out, session)
+    except DivergedError as e:
+        key = run_key(method, n_epochs, seed)
+        results.setdefault("diverged", []).append({"key": key, "method": method, "epochs": n_epochs, "seed": seed,
+                                                   "session": session, "error": cli_message(e)})
+        _write_json(path, results)
+        log(f"{key} diverged and is left out of the means (--resume does not retry it): {cli_message(e)}")
+        return
+    results["runs"].append(run)
+    _write_json(path, results)
+    log(f"[{len(results['runs']) + len(results.get('diverged', []))}/{len(results['planned'])}] {run['key']}: "
+        f"{run['train_seconds']:.1f} s train, {run['passes']:,} passes, test accuracy {run['test_accuracy']:.4f}")
+
+
 def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out: str, command: str = "",
               resume: bool = False, stop_after: float = 0.0, data=None, log=print) -> dict:
     """Train every (method, epochs, seed) with the options of ``base`` (a TrainConfig) into ``out``.
@@ -720,8 +776,10 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
     Writes ``out/results.json`` after every run, then ``report.md``, ``frontier.png`` and ``mixing.png``. With
     ``resume`` it keeps the runs already in ``results.json`` (same setup and device required) and
     trains only the missing ones. ``stop_after`` > 0: start no run once this many seconds have
-    passed, or when the run's expected duration (the slowest finished run of its method, scaled to
-    its epochs) would overrun it.
+    passed, or when the run's expected duration (the slowest finished run of its method, or of any
+    method before its first, scaled to its epochs) would overrun it; checked again after the data
+    loading and warm-up. A run that diverges (:class:`~mixtrain.errors.DivergedError`) is recorded
+    under ``diverged`` and the bench goes on.
     Returns the results dict.
     """
     from .trainer import resolve_device
@@ -748,30 +806,18 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
         write_report(out, results)
         return results
 
+    def out_of_time(i: int) -> bool:
+        return stop_after > 0 and _out_of_time(time.perf_counter() - t_start, stop_after, results, todo, i, log)
+
     for i, (method, n_epochs, seed) in enumerate(todo):
-        if stop_after > 0:
-            elapsed = time.perf_counter() - t_start
-            expected = _expected_seconds(results["runs"], method, n_epochs)
-            if elapsed + expected > stop_after:
-                log(f"stopping before {run_key(method, n_epochs, seed)}: {elapsed:.0f} s elapsed (+{expected:.0f} s "
-                    f"expected) of --stop-after {stop_after:.0f} s; {len(todo) - i} runs left, continue with --resume")
-                break
+        if out_of_time(i):
+            break
         if i == 0:  # data and warm-up only once a run will start
             data = _load_bench_data(base, log) if data is None else data
             _warm_up(base, data, dict.fromkeys(m for m, _, _ in todo), out, session, log)
-        try:
-            run = _timed_run(base, data, method, n_epochs, seed, out, len(results["sessions"]) - 1)
-        except DivergedError as e:  # a result of the comparison, not a reason to drop the bench's other runs
-            key = run_key(method, n_epochs, seed)
-            results.setdefault("diverged", []).append({"key": key, "method": method, "epochs": n_epochs, "seed": seed,
-                                                       "session": len(results["sessions"]) - 1, "error": str(e)})
-            _write_json(path, results)
-            log(f"{key} diverged and is left out of the means (--resume does not retry it): {e}")
-            continue
-        results["runs"].append(run)
-        _write_json(path, results)  # partial results survive a time limit
-        log(f"[{len(results['runs'])}/{len(results['planned'])}] {run['key']}: {run['train_seconds']:.1f} s train, "
-            f"{run['passes']:,} passes, test accuracy {run['test_accuracy']:.4f}")
+            if out_of_time(i):  # loading and warm-up took time too
+                break
+        _run_into(results, path, base, data, method, n_epochs, seed, out, log)
 
     _write_json(path, results)
     report, png = write_report(out, results)
@@ -915,7 +961,8 @@ def add_bench_commands(sub, fmt):
                    help="keep the runs already in OUT/results.json (same setup and device) and train the missing ones")
     g.add_argument("--stop-after", type=float, metavar="SECONDS", default=0.0,
                    help="seconds: start no run past this, nor one expected to overrun it (judged by the slowest "
-                        "finished run of its method, scaled by epochs); 0: no limit")
+                        "finished run of its method, or of any method before its first, scaled by epochs; data "
+                        "loading and warm-up count); 0: no limit")
     b.set_defaults(progress="none")  # one line per run instead of per epoch
     add_debug_option(b)
     b.set_defaults(func=cmd_bench)

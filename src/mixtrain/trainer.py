@@ -236,6 +236,7 @@ class Trainer:
         except BaseException as e:
             # the checkpoint in flight is the "last good" one an error message names: let it land
             self.checkpoints.wait(raise_error=False)
+            self._release_graph()  # a bench goes on after a diverged run: its pool must not stay behind
             if out_of_memory(e):  # a training step (capture and evaluation raise their own error)
                 raise self._out_of_memory_error("in a training step") from e
             raise
@@ -259,18 +260,20 @@ class Trainer:
         first_step = self._restore_grad_stats(partial)
         source = self.data.step_images(batches, self.device, self.step_in_epoch)
         logs.start_epoch(epoch, cfg.epochs, len(batches) - self.step_in_epoch)
-        for j in range(self.step_in_epoch, len(batches)):
-            images, src = source.get(j)
-            scale = batches.loss_scale(j, per_pass=self.per_pass)
-            losses.values[j] = self.train_step(batches.batch(j), images, src, float(lrs[j]), scale)
-            self.samples_seen += int(batches.global_samples[j])
-            self.step_in_epoch = j + 1
-            logs.step()
-            if watch is not None and watch.bad(j):
-                losses.checked(len(batches), epoch, self.checkpoints.describe_last_good())  # raises, naming the step
-            if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
-                self._checkpoint_mid_epoch(j, plan, batches, losses, clock)
-        source.close()
+        try:  # a streamed source's gathering thread must stop even when a step raises
+            for j in range(self.step_in_epoch, len(batches)):
+                images, src = source.get(j)
+                scale = batches.loss_scale(j, per_pass=self.per_pass)
+                losses.values[j] = self.train_step(batches.batch(j), images, src, float(lrs[j]), scale)
+                self.samples_seen += int(batches.global_samples[j])
+                self.step_in_epoch = j + 1
+                logs.step()
+                if watch is not None and watch.bad(j):
+                    losses.checked(len(batches), epoch, self.checkpoints.describe_last_good())  # raises, naming the step
+                if cfg.checkpoint_every and (j + 1) % cfg.checkpoint_every == 0 and j + 1 < len(batches):
+                    self._checkpoint_mid_epoch(j, plan, batches, losses, clock)
+        finally:
+            source.close()
         self.strategy.end_epoch(self.dist.world > 1)
         if self.record_dir:
             D.record_epoch(self.record_dir, self.dist, epoch, plan, batches, self.strategy, self.samples_seen)
@@ -353,10 +356,14 @@ class Trainer:
         self.test_accuracy = self.evaluate()
         self.eval_seconds = time.perf_counter() - t
 
+    def _release_graph(self):
+        """Free the captured step's memory pool before the next run in this process."""
+        if self.graphed is not None:
+            graphed, self.graphed = self.graphed, None
+            graphed.release()
+
     def _finish(self, started: float, logs: RunLogs) -> dict:
-        if self.graphed is not None:  # free the graph's memory pool before the next run in this process
-            self.graphed.release()
-            self.graphed = None
+        self._release_graph()
         if self.test_accuracy is None:  # resumed a finished run: nothing trained in this process
             self._timed_evaluation()
             if self.log:
