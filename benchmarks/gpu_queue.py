@@ -12,10 +12,11 @@ Queue file, one job per line (``#`` starts a comment)::
     GPU  NAME  BENCH ARGUMENTS...
 
 ``GPU`` is the index of the GPU that runs the job, or ``any``: a job taken by the first GPU whose
-own jobs are done (and, once started, kept on that GPU in later calls, so that a bench's runs
-compare on one device). ``NAME`` is the job's folder under ``--work``. The bench arguments are
+own jobs are done (and, once a run of it has finished there, kept on that GPU in later calls, so
+that a bench's runs compare on one device). ``NAME`` is the job's folder under ``--work``. The bench arguments are
 those of ``python3 -m mixtrain bench`` without ``--out``, ``--device``, ``--devices``,
-``--resume`` and ``--stop-after``, which this script sets; they are parsed before anything runs.
+``--resume`` and ``--stop-after``, which this script sets; they are parsed and checked (methods
+and their options, epochs, seeds) before anything runs.
 The script exits 1 if a bench exited non-zero or was stopped by the deadline.
 
     PYTHONPATH=src python3 benchmarks/gpu_queue.py QUEUE --seconds 560 --work /root/w --tar $OUT/w.tar
@@ -31,6 +32,9 @@ bench's results.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
 import os
 import shlex
 import subprocess
@@ -41,6 +45,7 @@ import time
 
 MARGIN_S = 15  # kept free before the deadline for writing results and the tar
 START_S = 30  # a bench's own clock starts after Python, torch and CUDA have started: --stop-after leaves this
+FRESH_MIN_S = 180  # a bench with no finished run yet knows no run time: start it only with this much left
 RESERVED = {"bench_out": "--out", "device": "--device", "devices": "--devices", "bench_resume": "--resume",
             "stop_after": "--stop-after"}
 
@@ -49,7 +54,10 @@ def read_queue(path: str) -> list[tuple[str, str, list[str]]]:
     """``[(gpu, name, bench args)]`` from the queue file. Each line's arguments are parsed by the
     bench's own parser here, so a typo fails now and not on the GPU machine; the options this script
     sets itself are refused, in any spelling argparse accepts (``--out=X``, ``--res``)."""
+    from mixtrain import bench
     from mixtrain.cli import build_parser
+    from mixtrain.errors import MixtrainError
+    from mixtrain.options import MixOptions, cli_message
 
     parser = build_parser()
     defaults = parser.parse_args(["bench"])
@@ -72,6 +80,15 @@ def read_queue(path: str) -> list[tuple[str, str, list[str]]]:
             taken = [flag for dest, flag in RESERVED.items() if getattr(parsed, dest) != getattr(defaults, dest)]
             if taken:
                 raise SystemExit(f"error: {path}:{n}: {', '.join(taken)} is set by this script")
+            if "/" in name or name.startswith("."):
+                raise SystemExit(f"error: {path}:{n}: the name {name!r} must be a plain folder name")
+            try:  # what the bench checks before training: methods and their options, epochs, seeds
+                bench.parse_epochs(parsed.epoch_list)
+                bench.parse_seeds(parsed.seeds)
+                for method in bench.parse_methods(parsed.methods):
+                    dataclasses.replace(MixOptions(), **bench.split_method(method)[1]).check()
+            except MixtrainError as e:
+                raise SystemExit(f"error: {path}:{n}: {cli_message(e)}") from None
             jobs.append((gpu, name, args))
     return jobs
 
@@ -90,10 +107,14 @@ def write_tar(work: str, path: str) -> None:
                 if f.endswith((".pt", ".pth", ".tmp")):
                     continue
                 full = os.path.join(root, f)
-                try:
-                    tar.add(full, arcname=os.path.relpath(full, work))
-                except (FileNotFoundError, OSError):  # replaced or removed while being read
+                try:  # read whole first, so the entry's size is the size of what is written (files are small)
+                    with open(full, "rb") as fh:
+                        st, data = os.fstat(fh.fileno()), fh.read()
+                except FileNotFoundError:  # removed meanwhile: the next tar has its successor
                     continue
+                info = tarfile.TarInfo(os.path.relpath(full, work))
+                info.size, info.mtime, info.mode = len(data), st.st_mtime, st.st_mode & 0o777
+                tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
 
 
@@ -105,13 +126,14 @@ def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, de
         print(f"[gpu {gpu}] {name}: not started, {left:.0f} s left", flush=True)
         return None
     out = os.path.join(work, name)
+    if not finished_runs(out) and left < FRESH_MIN_S:
+        print(f"[gpu {gpu}] {name}: not started, {left:.0f} s left for a bench with no run yet", flush=True)
+        return None
     cmd = [sys.executable, "-m", "mixtrain", "bench", *args, "--device", device, "--out", out, "--resume",
            "--stop-after", f"{left - START_S:.0f}"]
     print(f"[gpu {gpu}] {name}: {shlex.join(cmd)}", flush=True)
     os.makedirs(work, exist_ok=True)
-    with open(os.path.join(work, f"{name}.gpu"), "w") as f:  # a continued bench stays on this GPU
-        f.write(gpu)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=physical_gpu(gpu))
     t0 = time.time()
     with open(os.path.join(work, f"{name}.log"), "a") as log:
         try:
@@ -119,7 +141,27 @@ def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, de
         except subprocess.TimeoutExpired:
             rc = "timeout"
     print(f"[gpu {gpu}] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    if finished_runs(out):  # timed here: a continued bench stays on this GPU
+        with open(os.path.join(work, f"{name}.gpu"), "w") as f:
+            f.write(gpu)
     return rc
+
+
+def finished_runs(out: str) -> int:
+    """Runs (finished or diverged) in the bench folder ``out``; 0 when it has no readable results."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            results = json.load(f)
+        return len(results.get("runs", [])) + len(results.get("diverged", []))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def physical_gpu(index: str) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry of GPU ``index`` as this process sees it (index i of a
+    parent that sees ``2,3`` is its i-th entry, not physical GPU i)."""
+    seen = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return seen[int(index)] if "CUDA_VISIBLE_DEVICES" in os.environ and int(index) < len(seen) else index
 
 
 def pinned_gpu(work: str, name: str) -> str | None:
@@ -158,6 +200,10 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"error: the queue names GPU {', '.join(missing)}, but only {', '.join(gpus)} are used (--gpus)")
     shared = [j for j in jobs if j[0] == "any"]
+    stranded = [(n, pinned_gpu(a.work, n)) for _, n, _ in shared if pinned_gpu(a.work, n) not in (None, *gpus)]
+    if stranded:
+        raise SystemExit("error: " + ", ".join(f"{n} was started on GPU {g}" for n, g in stranded)
+                         + f", which is not among the GPUs used ({', '.join(gpus)}): give --gpus, or move its NAME.gpu")
     lock, tar_lock = threading.Lock(), threading.Lock()
     outcomes: dict[str, object] = {}
 

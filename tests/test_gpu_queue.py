@@ -24,6 +24,10 @@ def test_queue_lines_and_refusals(tmp_path):
                       ("1 x --stop-a 30", "--stop-after is set by this script"),  # an abbreviation argparse accepts
                       ("1 x --devices=cuda:0,cuda:1", "--devices is set by this script"),
                       ("1 x --no-such-flag 3", "do not parse"),
+                      ("1 x --methods 'mixtrain(confidense=0.4)'", "not KEY=VALUE"),
+                      ("1 x --methods 'mixtrain(confidence=1.5)'", "confidence"),
+                      ("1 x --epochs 3O", "epochs"),
+                      ("1 a/b --model a", "plain folder name"),
                       ("0 x --model a\n1 x --model b", "the name x is used twice")):
         q.write_text(bad + "\n")
         with pytest.raises(SystemExit, match=says):
@@ -73,3 +77,21 @@ def test_tar_while_another_bench_replaces_its_files(tmp_path):
         t.join()
     with tarfile.open(tmp_path / "w.tar") as tar:
         assert not any(n.endswith(".tmp") for n in tar.getnames())
+        for m in tar.getmembers():  # every entry whole: its size is what was written
+            assert set(tar.extractfile(m).read().decode()) == {"x"}
+
+
+def test_a_bench_pinned_to_a_gpu_not_used_is_refused(tmp_path):
+    q = tmp_path / "q.txt"
+    q.write_text("any late --model resnet18\n")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "late.gpu").write_text("2")
+    with pytest.raises(SystemExit, match="late was started on GPU 2, which is not among the GPUs used"):
+        gpu_queue.main([str(q), "--seconds", "1", "--work", str(tmp_path / "w"), "--gpus", "0,1"])
+
+
+def test_physical_gpu_follows_the_parents_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_queue.physical_gpu("1") == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_queue.physical_gpu("1") == "1"

@@ -508,6 +508,10 @@ def load_results(out_dir: str) -> dict:
         missing = [k for k in ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples") if k not in r]
         if missing:
             raise MixtrainError(f"{path}: run {r.get('key', '?')} lacks {missing}")
+    for d in results.get("diverged", []):
+        missing = [k for k in ("key", "method", "epochs", "seed", "error") if k not in d]
+        if missing:
+            raise MixtrainError(f"{path}: diverged run {d.get('key', '?')} lacks {missing}")
     return results
 
 

@@ -236,7 +236,10 @@ class Trainer:
         except BaseException as e:
             # the checkpoint in flight is the "last good" one an error message names: let it land
             self.checkpoints.wait(raise_error=False)
-            self._release_graph()  # a bench goes on after a diverged run: its pool must not stay behind
+            try:  # a bench goes on after a diverged run: its pool must not stay behind
+                self._release_graph()
+            except Exception:  # noqa: BLE001 -- e.g. after a sticky CUDA error: the first error is the one to report
+                pass
             if out_of_memory(e):  # a training step (capture and evaluation raise their own error)
                 raise self._out_of_memory_error("in a training step") from e
             raise
