@@ -147,14 +147,25 @@ def run_job(gpu: str, name: str, args: list[str], deadline: float, work: str, de
     return rc
 
 
-def finished_runs(out: str) -> int:
-    """Runs (finished or diverged) in the bench folder ``out``; 0 when it has no readable results."""
+def _results(out: str) -> dict:
+    """The bench folder's results.json, or {} when it has none that can be read."""
     try:
         with open(os.path.join(out, "results.json")) as f:
             results = json.load(f)
-        return len(results.get("runs", [])) + len(results.get("diverged", []))
-    except (OSError, ValueError, AttributeError):
-        return 0
+        return results if isinstance(results, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_runs(out: str) -> int:
+    """Runs (finished or diverged) in the bench folder ``out``."""
+    results = _results(out)
+    return len(results.get("runs", [])) + len(results.get("diverged", []))
+
+
+def diverged_runs(out: str) -> int:
+    """Runs of the bench folder ``out`` that stopped at a non-finite loss or weights."""
+    return len(_results(out).get("diverged", []))
 
 
 def physical_gpu(index: str) -> str:
@@ -241,8 +252,10 @@ def main(argv=None) -> int:
         t.join()
     bad = {n: o for n, o in outcomes.items() if o not in (0, None)}
     waiting = [n for n, o in outcomes.items() if o is None] + [n for _, n, _ in shared]
+    diverged = [n for n in outcomes if diverged_runs(os.path.join(a.work, n))]
     print(f"done: {sum(o == 0 for o in outcomes.values())} benches exited 0"
           + (f"; not started for lack of time: {', '.join(waiting)}" if waiting else "")
+          + (f"; with diverged runs: {', '.join(diverged)}" if diverged else "")
           + (f"; problems: {', '.join(f'{n} ({o})' for n, o in bad.items())}" if bad else ""), flush=True)
     return 1 if bad else 0
 

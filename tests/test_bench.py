@@ -455,6 +455,7 @@ def test_a_diverged_run_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatch,
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "baseline-e3-s1 diverged" in out and "mixtrain-e3-s1 diverged" in out and "non-finite loss" in out
+    assert "2 run(s) diverged and are left out of the means: baseline-e3-s1, mixtrain-e3-s1" in out
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert sorted(r["key"] for r in results["runs"]) == ["baseline-e3-s0", "mixtrain-e3-s0"]
     assert sorted(d["key"] for d in results["diverged"]) == ["baseline-e3-s1", "mixtrain-e3-s1"]

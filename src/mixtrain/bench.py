@@ -851,6 +851,9 @@ def cmd_bench(args):
     missing = missing_runs(results)
     if missing:
         print(f"{len(missing)} runs still missing; continue with the same command plus --resume", flush=True)
+    diverged = [d["key"] for d in results.get("diverged", [])]
+    if diverged:
+        print(f"{len(diverged)} run(s) diverged and are left out of the means: {', '.join(diverged)}", flush=True)
 
 
 def missing_runs(results: dict) -> list[str]:
