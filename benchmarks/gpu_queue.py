@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"error: the queue names GPU {', '.join(missing)}, but only {', '.join(gpus)} are used (--gpus)")
     shared = [j for j in jobs if j[0] == "any"]
-    stranded = [(n, pinned_gpu(a.work, n)) for _, n, _ in shared if pinned_gpu(a.work, n) not in (None, *gpus)]
+    pins = {n: pinned_gpu(a.work, n) for _, n, _ in shared}
+    stranded = [(n, g) for n, g in pins.items() if g not in (None, *gpus)]
     if stranded:
         raise SystemExit("error: " + ", ".join(f"{n} was started on GPU {g}" for n, g in stranded)
                          + f", which is not among the GPUs used ({', '.join(gpus)}): give --gpus, or move its NAME.gpu")

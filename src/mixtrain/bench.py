@@ -16,6 +16,7 @@ The aggregation and comparison are pure functions over plain dicts (:func:`aggre
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime as _dt
@@ -349,9 +350,7 @@ def render_report(results: dict) -> str:
     )
     lines += ["", "| method | epochs | seeds | passes | train s (mean) | test acc % (mean ± std) | speedup | pass ratio | gain at equal time |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    lost = {}  # (method, epochs) -> runs that diverged, beside the seeds that count
-    for d in diverged:
-        lost[(d["method"], d["epochs"])] = lost.get((d["method"], d["epochs"]), 0) + 1
+    lost = collections.Counter((d["method"], d["epochs"]) for d in diverged)  # beside the seeds that count
     for r in rows:
         acc = _pct(r["accuracy"]) + (f" ± {_pct(r['accuracy_std'])}" if r["accuracy_std"] is not None else "")
         n = f"{r['n']} (+{lost[(r['method'], r['epochs'])]} diverged)" if (r["method"], r["epochs"]) in lost else r["n"]
@@ -378,7 +377,7 @@ def _report_warnings(results: dict) -> list[str]:
     if diverged:
         lines.append(f"- **Diverged** (stopped at a non-finite loss or weights; left out of the means, so a method's "
                      f"mean may cover other seeds than the baseline's; not retried by --resume): "
-                     + "; ".join(f"{d['key']} ({d.get('error', '?').split(';')[0]})" for d in diverged))
+                     + "; ".join(f"{d['key']} ({_diverged_reason(d)})" for d in diverged))
     spiked = [r for r in runs if loss_spikes(r.get("epochs_log", []))]
     if spiked:
         lines.append(f"- **Loss spikes** (an epoch's mean training loss > {100 * SPIKE_RISE:.0f} % above the previous "
@@ -401,8 +400,13 @@ def _every_run_rows(runs: list[dict], diverged: list[dict]) -> list[str]:
                      f"{_pct(r['test_accuracy'])} | {r.get('eval_seconds', 0.0):.2f} | {spikes} | "
                      f"{f'{max(norms):.1f}' if norms else '-'} |")
     for d in sorted(diverged, key=lambda d: (d["method"], d["epochs"], d["seed"])):
-        lines.append(f"| {d['key']} | diverged: {d.get('error', '?').split(';')[0]} | | | | | | |")
+        lines.append(f"| {d['key']} | diverged: {_diverged_reason(d)} | | | | | | |")
     return lines
+
+
+def _diverged_reason(d: dict) -> str:
+    """Where a diverged run stopped: its error's first clause (``non-finite loss at epoch 9, step 27``)."""
+    return d.get("error", "?").split(";")[0]
 
 
 def plot_frontier(rows: list[dict], path: str, title: str = ""):
@@ -504,14 +508,13 @@ def load_results(out_dir: str) -> dict:
         raise MixtrainError(f"{path} is not a mixtrain bench results file (format {FORMAT})")
     if isinstance(results.get("setup"), dict):
         results["setup"] = upgrade_config(results["setup"], saved=True)
-    for r in results.get("runs", []):
-        missing = [k for k in ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples") if k not in r]
-        if missing:
-            raise MixtrainError(f"{path}: run {r.get('key', '?')} lacks {missing}")
-    for d in results.get("diverged", []):
-        missing = [k for k in ("key", "method", "epochs", "seed", "error") if k not in d]
-        if missing:
-            raise MixtrainError(f"{path}: diverged run {d.get('key', '?')} lacks {missing}")
+    for what, entries, keys in (
+            ("run", results.get("runs", []), ("key", "method", "epochs", "seed", "train_seconds", "test_accuracy", "passes", "samples")),
+            ("diverged run", results.get("diverged", []), ("key", "method", "epochs", "seed", "error"))):
+        for r in entries:
+            missing = [k for k in keys if k not in r]
+            if missing:
+                raise MixtrainError(f"{path}: {what} {r.get('key', '?')} lacks {missing}")
     return results
 
 
@@ -801,7 +804,7 @@ def run_bench(base, methods: list[str], epochs: list[int], seeds: list[int], out
     plan = planned_runs(methods, epochs, seeds)
     results = _open_results(out, setup, dev, vers, resume)
     session = _start_session(results, methods, plan, command, dev, vers)
-    done = {r["key"] for r in results["runs"] + results.get("diverged", [])}
+    done = trained_keys(results)
     todo = [p for p in plan if run_key(*p) not in done]
     os.makedirs(out, exist_ok=True)
     if not todo:
@@ -856,9 +859,14 @@ def cmd_bench(args):
         print(f"{len(diverged)} run(s) diverged and are left out of the means: {', '.join(diverged)}", flush=True)
 
 
+def trained_keys(results: dict) -> set[str]:
+    """The keys of the runs a bench has trained: finished ones and diverged ones."""
+    return {r["key"] for r in results.get("runs", []) + results.get("diverged", [])}
+
+
 def missing_runs(results: dict) -> list[str]:
-    """The keys of the runs a bench planned and has not trained yet (a diverged run was trained)."""
-    done = {r["key"] for r in results.get("runs", []) + results.get("diverged", [])}
+    """The keys of the runs a bench planned and has not trained yet."""
+    done = trained_keys(results)
     return [k for k in results.get("planned", []) if k not in done]
 
 

@@ -150,8 +150,8 @@ class MixOptions:
         "auto", "each step's learning rate times (samples it carries / its passes)^k, so a step of composites moves as "
         "far as the samples it holds: none (k=0), sqrt (k=1/2, the square-root rule, for Adam), linear (k=1, the "
         "linear scaling rule, for SGD; unlike --loss-per passes the clip still sees the per-sample mean gradient), "
-        "auto (linear with --optimizer sgd, measured on four CNNs; none with adamw, not yet measured, and with "
-        "--loss-per passes)", group=MIXING, choices=("auto", "none", "sqrt", "linear"))
+        "auto (linear with --optimizer sgd, measured on four CNNs; none with adamw, where sqrt measured no "
+        "better on ViT-tiny, and with --loss-per passes)", group=MIXING, choices=("auto", "none", "sqrt", "linear"))
     prune_ratio: float = option(
         0.5, "infobatch: fraction of the samples with below-mean loss left out of each pruned epoch; mixprune: "
         "fraction of the quad tier (p(true) >= --quad-confidence) left out of each mixed epoch (the kept ones weigh "
@@ -194,7 +194,8 @@ class MixOptions:
         """``step_scale`` with ``auto`` resolved for ``optimizer`` (``sgd``, ``adamw``, or ``None``
         when it is not known: a Mixer told of none, which then scales nothing): linear for
         SGD (session 10: +0.24 to +1.02 points over none on four CNNs, for 1-3 % of the speedup); none
-        for AdamW, whose step does not grow with the loss (sqrt is its candidate, unmeasured), and
+        for AdamW, whose step does not grow with the loss (sqrt, its candidate, made no difference on
+        ViT-tiny in session 11), and
         with ``loss_per="passes"``, which already makes the step grow."""
         if self.step_scale != "auto":
             return self.step_scale
