@@ -8,6 +8,7 @@ import torch
 
 from mixtrain import Augment, Baseline, EpochBatches, MixOptions, MixTrain, MixtrainError, choose_mixed, create_strategy
 from mixtrain import plan as P
+from mixtrain.strategies import interfered, plan_tiers
 
 GRID = (4, 4)
 N = 40
@@ -286,3 +287,169 @@ def test_default_final_unmixed_epochs_one_per_15_at_least_one(epochs, final):
     assert s.opts.final_epochs(epochs) == final
     assert not s.mixing(epochs - 1) and (epochs - final <= 1 or s.mixing(epochs - final - 1))
     assert MixOptions(final_unmixed_epochs=0).final_epochs(epochs) == 0  # asked for none: none
+
+
+# ----------------------------------------------------------------------------------------------
+# the interference watch (interference_margin >= 0)
+
+
+def test_interfered_flags_mixed_samples_whose_loss_rose_past_the_margin():
+    loss = np.array([1.5, 1.5, 1.5, 1.0, np.nan, 0.5, 1.5, 2.0], np.float32)
+    alone = np.array([0.5, 0.5, np.nan, 0.75, 0.2, 0.5, 1.0, 0.0], np.float32)
+    tier = np.array([0, 1, 2, 2, 1, 2, 2, -1], np.int8)
+    # alone last (tier 0), never seen alone, exactly the margin, loss unknown, no rise, never planned
+    assert interfered(loss, alone, tier, 0.25).tolist() == [False, True, False, False, False, False, True, False]
+    assert interfered(loss, alone, tier, 0.5).tolist() == [False, True] + [False] * 6  # 0.5 over is not more than 0.5
+    assert interfered(loss, alone, tier, 0.0).tolist() == [False, True, False, True, False, False, True, False]
+
+
+# the memory of the interference tests: 40 samples, all right; 0-19 easy enough for quads (p = 0.95),
+# 20-39 for pairs (p = 0.74); after the first mixed epoch 0-7 and 20-27 lost more in their mix
+QUAD_TIER, PAIR_TIER = np.arange(20), np.arange(20, 40)
+HURT_QUAD, HURT_PAIR = np.arange(8), np.arange(20, 28)
+
+
+def _interference_run(opts: MixOptions, epochs: int = 3):
+    """A MixTrain with ``opts`` through the epochs 0 (unmixed), 1 and 2 of a 5-epoch schedule,
+    its memory written as a trained epoch would between plans; returns it and its plans."""
+    s = MixTrain(N, GRID, 5, opts=opts)
+    alone = np.where(np.arange(N) < 20, 0.05, 0.3).astype(np.float32)
+    plans = [s.plan_epoch(0, _rng(0))]
+    _observe(s, alone, np.ones(N, bool))  # epoch 0: every sample alone
+    plans.append(s.plan_epoch(1, _rng(1)))
+    mixed = alone.copy()
+    mixed[HURT_QUAD] = 0.1  # 0.05 over alone, still p(true) > 0.9: quadable
+    mixed[HURT_PAIR] = 0.6  # 0.3 over alone, still p(true) > 0.5: mixable
+    _observe(s, mixed, np.ones(N, bool))  # epoch 1
+    if epochs > 2:
+        plans.append(s.plan_epoch(2, _rng(2)))
+    return s, plans
+
+
+def _tiers(plan):
+    return plan_tiers(plan, N)
+
+
+def test_interference_watch_moves_hurt_samples_one_tier_down():
+    s, plans = _interference_run(MixOptions(interference_margin=0.02))
+    assert (_tiers(plans[0]) == 0).all()
+    first = _tiers(plans[1])
+    assert (first[QUAD_TIER] == 2).all() and (first[PAIR_TIER] == 1).all()  # 5 quads, 10 pairs
+    _each_once(plans[2])
+    tier = _tiers(plans[2])
+    assert (tier[HURT_PAIR] == 0).all()  # from pairs: alone
+    assert (tier[HURT_QUAD] == 1).all()  # from quads: paired (the auto rule still mixes them)
+    assert (tier[np.setdiff1d(QUAD_TIER, HURT_QUAD)] == 2).all() and (tier[np.setdiff1d(PAIR_TIER, HURT_PAIR)] == 1).all()
+    assert np.array_equal(s.tier, tier)
+    np.testing.assert_allclose(s.alone_loss, np.where(np.arange(N) < 20, 0.05, 0.3))  # from epoch 0 only
+    assert s.epoch_stats(plans[2])["interfered_fraction"] == pytest.approx(16 / N)
+    # the watch off: the same memory keeps them in their tiers
+    _, off = _interference_run(MixOptions())
+    tier = _tiers(off[2])
+    assert (tier[QUAD_TIER] == 2).all() and (tier[PAIR_TIER] == 1).all()
+    # a margin above their rise: nothing moves
+    s, wide = _interference_run(MixOptions(interference_margin=0.35))
+    assert np.array_equal(_tiers(wide[2]), tier) and s.epoch_stats(wide[2])["interfered_fraction"] == 0
+
+
+def test_interference_watch_is_off_by_default_and_leaves_plans_as_they_were():
+    default, plans = _interference_run(MixOptions())
+    assert default.alone_loss is None and default.tier is None
+    assert set(default.state_dict()) == {"memory"} and "interfered_fraction" not in default.epoch_stats(plans[2])
+    # -1 explicitly, or a watch that never acts (it draws nothing from the generator): the same plans
+    for opts in (MixOptions(interference_margin=-1), MixOptions(interference_margin=1e6)):
+        _, other = _interference_run(opts)
+        for a, b in zip(plans, other):
+            for k, v in a.arrays().items():
+                assert np.array_equal(v, b.arrays()[k]), (opts, k)
+    _, acting = _interference_run(MixOptions(interference_margin=0.0))
+    assert not np.array_equal(_tiers(acting[2]), _tiers(plans[2]))  # (this memory does trigger the watch)
+
+
+def test_interference_watch_state_round_trip_and_bad_states():
+    import io
+
+    opts = MixOptions(interference_margin=0.02)
+    ref, _ = _interference_run(opts, epochs=2)
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert set(state) == {"memory", "alone_loss", "tier", "interfered_fraction"}
+    assert state["alone_loss"].dtype == torch.float32 and state["tier"].dtype == torch.int8
+    restored = MixTrain(N, GRID, 5, opts=opts)
+    restored.load_state_dict(state)
+    a, b = ref.plan_epoch(2, _rng(2)), restored.plan_epoch(2, _rng(2))
+    for k, v in a.arrays().items():
+        assert np.array_equal(v, b.arrays()[k]), k
+    assert (_tiers(a)[HURT_PAIR] == 0).all() and np.array_equal(ref.tier, restored.tier)
+    # a state saved with the watch off: loaded, the watch starts afresh (knows no loss alone yet)
+    fresh = MixTrain(N, GRID, 5, opts=opts)
+    fresh.load_state_dict({"memory": state["memory"]})
+    assert np.isnan(fresh.alone_loss).all() and (fresh.tier == -1).all()
+    assert (_tiers(fresh.plan_epoch(2, _rng(2)))[HURT_PAIR] == 1).all()  # nothing to compare with: nothing moves
+    for bad in (dict(alone_loss=torch.zeros(N + 1)), dict(tier=torch.zeros(N, dtype=torch.float32)),
+                dict(tier=torch.full((N,), 3, dtype=torch.int8)), dict(alone_loss=np.zeros(N, np.float32))):
+        target = MixTrain(N, GRID, 5, opts=opts)
+        with pytest.raises(ValueError):
+            target.load_state_dict({**state, **bad})
+        assert torch.isnan(target.memory.loss).all() and (target.tier == -1).all()  # refused whole: nothing restored
+
+
+@pytest.mark.parametrize("value, ok", [(float("nan"), False), (-0.5, False), (float("inf"), False),
+                                       (float("-inf"), False), (0, True), (0.3, True), (-1, True), (-1.0, True)])
+def test_interference_margin_must_be_finite_and_at_least_0_or_minus_1(value, ok):
+    from mixtrain import OptionError
+    from mixtrain.options import flag_for
+
+    if ok:
+        MixOptions(interference_margin=value).check()
+        return
+    with pytest.raises(OptionError) as e:
+        MixOptions(interference_margin=value).check()
+    assert str(e.value).startswith("interference_margin is a loss margin in nats and must be a finite number >= 0")
+    assert e.value.render(flag_for).startswith("--interference-margin ")
+    with pytest.raises(MixtrainError, match="interference_margin"):
+        MixTrain(N, GRID, 5, opts=MixOptions(interference_margin=value))
+
+
+def test_interference_watch_logs_its_fraction_in_a_digits_bench(tmp_path):
+    import json
+
+    from mixtrain.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "mixtrain(interference_margin=0.2)", "--epochs", "5", "--seeds", "1",
+                 "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--progress", "none", "--deterministic",
+                 "--save-checkpoints", "off", "--out", str(out)]) == 0
+    log = json.loads((out / "results.json").read_text())["runs"][0]["epochs_log"]
+    assert all("interfered_fraction" in row for row in log)
+    assert max(row["interfered_fraction"] for row in log if row["mixed_fraction"] > 0) > 0
+    assert log[0]["interfered_fraction"] == log[-1]["interfered_fraction"] == 0  # unmixed epochs move nobody
+
+
+def test_interference_watch_resumes_exactly_from_a_mid_epoch_checkpoint(tmp_path):
+    from mixtrain import TrainConfig, Trainer
+
+    def config(out, **kw):
+        base = dict(data="digits", model="digitnet", method="mixtrain", epochs=5, batch_size=64, lr=0.05, seed=0,
+                    device="cpu", out=str(out), progress="none", deterministic=True,
+                    mix=MixOptions(interference_margin=0.2))
+        return TrainConfig(**{**base, **kw})
+
+    ref = Trainer(config(tmp_path / "ref")).fit()
+    assert ref["epochs_log"][3]["interfered_fraction"] > 0
+
+    class _Crash(Exception):
+        pass
+
+    class CrashAfter(Trainer):
+        def on_checkpoint(self, where):
+            if where == "epoch 4, step 5":  # the epoch the watch acts in: its fraction comes from the checkpoint
+                raise _Crash(where)
+
+    with pytest.raises(_Crash):
+        CrashAfter(config(tmp_path / "run", checkpoint_every=5)).fit()
+    resumed = Trainer(config(tmp_path / "run", checkpoint_every=5, resume=True)).fit()
+    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
+    assert resumed["test_accuracy"] == ref["test_accuracy"] and strip(resumed["epochs_log"]) == strip(ref["epochs_log"])

@@ -135,6 +135,10 @@ class MixOptions:
                              flag="--mix-fraction")
     quad_confidence: float = option(0.9, "> 0: samples with p(true) >= this are mixed four to an image (2x2 grid)",
                                     group=MIXING)
+    interference_margin: float = option(
+        -1.0, "mixtrain, >= 0: watch for interference: a sample whose loss in its last mixed pass exceeded its last "
+        "loss alone by more than this many nats trains one tier lower the next epoch (from a quad: at most in a "
+        "pair; from a pair: alone); -1: off", group=MIXING)
     ratio: str = option(
         "adaptive", "adaptive (area share from previous losses: the harder sample gets more) or fixed (1/2)",
         group=MIXING, flag="--mix-ratio", choices=("adaptive", "fixed"))
@@ -173,6 +177,9 @@ class MixOptions:
         if not 0.0 <= self.quad_confidence <= 1.0:
             raise OptionError("{quad_confidence} is a probability of the true class and must be in [0, 1] (0: pairs "
                               "only, no quads), got {got}", got=self.quad_confidence)
+        if not (self.interference_margin == -1 or 0.0 <= self.interference_margin < math.inf):  # NaN fails too
+            raise OptionError("{interference_margin} is a loss margin in nats and must be a finite number >= 0, or -1 "
+                              "(off), got {got}", got=self.interference_margin)
         if not 0.0 <= self.threshold < math.inf:
             raise OptionError("{threshold} is a loss and must be a finite number >= 0, got {got}", got=self.threshold)
         if not 0.0 <= self.prune_ratio < 1.0:

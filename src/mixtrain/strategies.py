@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from . import plan as P
 from .errors import MixtrainError, notice
@@ -243,16 +244,45 @@ def adaptive_share(la: np.ndarray, lb: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(share), 0.5, share)
 
 
+def interfered(loss: np.ndarray, alone_loss: np.ndarray, tier: np.ndarray, margin: float) -> np.ndarray:
+    """Which samples mixing interfered with (bool per sample): last trained mixed (``tier`` >= 1:
+    in a pair or a quad), with a loss there (``loss``) above their latest loss alone
+    (``alone_loss``) by more than ``margin`` nats. A loss not known (NaN) never counts: a sample
+    never seen alone has nothing to compare with (a comparison with NaN is false)."""
+    return (tier >= 1) & (loss - alone_loss > margin)
+
+
+# samples an item carries -> the tier of each: 1 alone (0), 2 a pair (1), 4 a quad (2)
+_TIER_OF_COUNT = np.array([-1, 0, 1, -1, 2], np.int8)
+
+
+def plan_tiers(plan: P.EpochPlan, num_samples: int) -> np.ndarray:
+    """Each sample's tier in ``plan`` (int8): 0 alone, 1 in a pair, 2 in a quad; -1 not in it."""
+    tier = np.full(num_samples, -1, np.int8)
+    rows, _ = np.nonzero(plan.valid)  # row-major, the order of plan.index[plan.valid]
+    tier[plan.index[plan.valid]] = _TIER_OF_COUNT[plan.valid.sum(1)][rows]
+    return tier
+
+
 class MixTrain(_Mixing):
     """The MixTrain method: separated loss, adaptive ratio, loss-based choice of what is mixed.
 
     Usable in any training loop: call :meth:`plan_epoch` at the start of each epoch and
     :meth:`record` after each step with the step's predictions (it feeds :meth:`observe`, the
     loss memory; see the README).
+
+    With ``interference_margin >= 0`` it also watches for interference (:func:`interfered`): a
+    sample whose last mixed pass lost more than its last pass alone trains one tier lower the next
+    epoch. That takes two host arrays, kept between plans and saved in :meth:`state_dict`.
     """
 
     name = "mixtrain"
     uses_memory = True
+    # the interference watch (None when off): each sample's loss in its latest pass alone (NaN:
+    # none yet), and its tier in the latest plan (0 alone, 1 pair, 2 quad; -1: none yet)
+    alone_loss: np.ndarray | None = None
+    tier: np.ndarray | None = None
+    interfered_fraction = 0.0  # of the samples, those the watch moved down a tier in the latest plan
 
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
         super().__init__(num_samples, grid, num_epochs, device, opts)
@@ -260,21 +290,49 @@ class MixTrain(_Mixing):
             P.check_grid_can_mix(self.grid, quads_too=True)
             self.slots = 4
         self.memory = LossMemory(num_samples, device)
+        if self.opts.interference_margin >= 0:
+            self.reset_watch()
+
+    def reset_watch(self):
+        """Forget what the interference watch knows (nothing seen alone, no tier yet)."""
+        self.alone_loss = np.full(self.num_samples, np.nan, np.float32)
+        self.tier = np.full(self.num_samples, -1, np.int8)
+        self.interfered_fraction = 0.0
 
     def plan_epoch(self, epoch, rng):
-        n = self.num_samples
-        if not self.mixing(epoch):
+        """As :meth:`Strategy.plan_epoch`; with the interference watch on it also updates the
+        watch's arrays, so call it exactly once per epoch (as the trainer and the Mixer do)."""
+        watching = self.alone_loss is not None
+        if not (watching or self.mixing(epoch)):
             return super().plan_epoch(epoch, rng)
-        o = self.opts
-        loss, correct = self.memory.snapshot()
+        loss, correct = self.memory.snapshot()  # the one device-to-host copy of the epoch
+        lower = None
+        if watching:
+            # plans are made once per epoch, and every sample trains once in each: the memory holds
+            # each sample's loss from the previous plan, alone where its tier there was 0
+            alone = (self.tier == 0) & ~np.isnan(loss)
+            self.alone_loss[alone] = loss[alone]
+            lower = interfered(loss, self.alone_loss, self.tier, self.opts.interference_margin)
+            self.interfered_fraction = 0.0
+        plan = self._mixed_plan(epoch, loss, correct, lower, rng) if self.mixing(epoch) else super().plan_epoch(epoch, rng)
+        if watching:
+            self.tier = plan_tiers(plan, self.num_samples)
+        return plan
+
+    def _mixed_plan(self, epoch, loss, correct, lower, rng) -> P.EpochPlan:
+        """A mixing epoch's plan from the memory's ``loss`` and ``correct``; ``lower``: the samples
+        the interference watch moves one tier below their last (None: the watch is off)."""
+        o, n = self.opts, self.num_samples
         if epoch > 0 and o.rule != "all" and np.isnan(loss).all():  # never written: nothing would ever mix
             notice(f"plan_epoch({epoch}): this epoch should mix, but the loss memory is empty: no step's losses were recorded, so it "
                    "trains unmixed. Call method.record(batch, logits, targets) after each step (Mixer.loss does it), "
-                   "or load the method's state_dict when resuming", stacklevel=2)
+                   "or load the method's state_dict when resuming", stacklevel=3)
         mixable = choose_mixed(loss, correct, o)
+        quadable = mixable & correct & (loss <= -math.log(o.quad_confidence)) if o.quad_confidence > 0 else None
+        if lower is not None:
+            mixable, quadable = self._step_down(lower, mixable, quadable)
         items = []
-        if o.quad_confidence > 0:
-            quadable = mixable & correct & (loss <= -math.log(o.quad_confidence))
+        if quadable is not None:
             q = rng.permutation(np.flatnonzero(quadable))
             nq = len(q) // 4
             if nq:
@@ -283,6 +341,18 @@ class MixTrain(_Mixing):
             mixable[q[: 4 * nq]] = False
         items.append(self.pair_items(np.flatnonzero(mixable), loss, rng))
         return self.with_singles(items, np.ones(n, bool), rng)
+
+    def _step_down(self, lower, mixable, quadable):
+        """``mixable`` and ``quadable`` less the samples in ``lower``: out of quads for those last in
+        one, not mixed for those last in a pair. Counts those it moves (``interfered_fraction``)."""
+        from_pair, from_quad = lower & (self.tier == 1), lower & (self.tier == 2)
+        moved = from_pair & mixable
+        mixable = mixable & ~from_pair
+        if quadable is not None:
+            moved |= from_quad & quadable
+            quadable = quadable & ~from_pair & ~from_quad
+        self.interfered_fraction = float(moved.sum()) / self.num_samples
+        return mixable, quadable
 
     def pair_items(self, pool: np.ndarray, loss: np.ndarray, rng) -> P.EpochPlan:
         """The pairs of the samples in ``pool`` (by the pairing rule; an odd one out stays unpaired),
@@ -314,12 +384,45 @@ class MixTrain(_Mixing):
     def sync(self):
         self.memory.all_reduce()
 
+    def epoch_stats(self, plan):
+        stats = super().epoch_stats(plan)
+        if self.alone_loss is not None:  # how much the interference watch acted in planning this epoch
+            stats["interfered_fraction"] = self.interfered_fraction
+        return stats
+
     def state_dict(self):
-        return {"memory": self.memory.state_dict()}
+        state = {"memory": self.memory.state_dict()}
+        if self.alone_loss is not None:  # the watch on: a checkpoint of the default keeps its layout
+            state.update(alone_loss=torch.from_numpy(self.alone_loss.copy()), tier=torch.from_numpy(self.tier.copy()),
+                         interfered_fraction=float(self.interfered_fraction))
+        return state
 
     def load_state_dict(self, state):
+        """Restore :meth:`state_dict`'s ``state``. The interference watch's part may be missing (a
+        state saved with the watch off: the watch starts afresh); with the watch off it is ignored.
+        A watch state of another shape or type raises ``ValueError`` before anything is restored."""
+        watch = self._checked_watch_state(state) if self.alone_loss is not None else None
         self.memory.load_state_dict(state["memory"])
+        if self.alone_loss is None:
+            return
+        if watch is None:
+            self.reset_watch()
+            return
+        self.alone_loss, self.tier = watch
+        self.interfered_fraction = float(state.get("interfered_fraction", 0.0))
 
+    def _checked_watch_state(self, state) -> tuple[np.ndarray, np.ndarray] | None:
+        """Host copies of the watch's ``alone_loss`` and ``tier`` in ``state`` (None: it holds none)."""
+        if "alone_loss" not in state and "tier" not in state:
+            return None
+        alone, tier, n = state.get("alone_loss"), state.get("tier"), self.num_samples
+        if not (torch.is_tensor(alone) and torch.is_tensor(tier)) or alone.shape != (n,) or tier.shape != (n,):
+            raise ValueError(f"an interference watch state holds two tensors, 'alone_loss' and 'tier', of one entry per "
+                             f"sample ({n} in this dataset)")
+        if not alone.is_floating_point() or tier.dtype != torch.int8 or not ((tier >= -1) & (tier <= 2)).all():
+            raise ValueError("an interference watch's 'alone_loss' must be a float tensor and its 'tier' an int8 "
+                             "tensor of -1, 0, 1 or 2")
+        return alone.detach().cpu().float().numpy().copy(), tier.detach().cpu().numpy().copy()
 
 from .infobatch import InfoBatch  # noqa: E402  (a strategy module of its own; it builds on the classes above)
 from .mixprune import MixPrune  # noqa: E402
