@@ -424,3 +424,49 @@ def test_every_public_name_has_a_docstring():
                 if not inspect.getdoc(getattr(obj, attr)):
                     missing.append(f"{name}.{attr}")
     assert not missing, missing
+
+
+def interfering_logits(step, classes=10):
+    """Like ``fake_logits``, but a sample that shares its image is less sure: mixing "hurts" it."""
+    shared = step.valid.sum(1, keepdim=True) > 1
+    sure = (step.index % 7).float() * 0.5 + 1.0 - shared.float() * 0.8
+    return nn.functional.one_hot(step.targets, classes).float() * sure[..., None]
+
+
+def test_a_state_saved_before_an_epochs_first_step_keeps_the_plan():
+    """Planning twice is not harmless for the interference watch (it updates its arrays as it
+    plans): a state saved between planning an epoch and its first step carries the plan, so the
+    resumed mixer does not plan that epoch again, and the run continues exactly."""
+    x, y = images()
+
+    def make():
+        opts = MixOptions(first_unmixed_epochs=1, final_unmixed_epochs=0, confidence=0.3, quad_confidence=0.0,
+                          interference_margin=0.0)
+        return mixer(epochs=5, opts=opts)
+
+    def run(m, epochs):
+        seen = []
+        for epoch in epochs:
+            m.set_epoch(epoch)
+            for ids in m.sampler:
+                step = m.compose(x[ids].float(), y[ids])
+                m.loss(interfering_logits(step), step)
+                seen.append((step.epoch, step.step, list(ids)))
+        return seen
+
+    whole_mixer = make()
+    whole = run(whole_mixer, range(2))
+    whole_mixer.set_epoch(2)
+    assert whole_mixer.strategy.interfered_fraction > 0  # epoch 2 is planned with the watch acting
+    whole += run(whole_mixer, range(2, 5))
+    first = make()
+    part = run(first, range(2))
+    first.set_epoch(2)  # planned, no step yet
+    state = first.state_dict()
+    assert (state["epoch"], state["step"]) == (2, 0) and state["plan"] is not None
+    second = make()
+    second.load_state_dict(state)
+    joined = part + run(second, range(2, 5))
+    assert joined == whole
+    np.testing.assert_array_equal(second.strategy.alone_loss, whole_mixer.strategy.alone_loss)
+    np.testing.assert_array_equal(second.strategy.tier, whole_mixer.strategy.tier)

@@ -429,10 +429,13 @@ class Mixer:
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Loss memory, epoch, position in it and (mid-epoch) its plan: tensors and plain Python
-        only. Under DDP call it on every process: it merges their loss memories first."""
+        """Loss memory, epoch, position in it and (for an epoch planned and not finished) its
+        plan: tensors and plain Python only. Under DDP call it on every process: it merges their
+        loss memories first."""
         self._merge()
-        mid = self.layout is not None and 0 < self.consumed < self.layout.steps
+        # an epoch planned and not finished keeps its plan, even before its first step: planning it
+        # again is not always the same (the interference watch updates its arrays as it plans)
+        mid = self.layout is not None and self.consumed < self.layout.steps
         plan = None
         if mid:
             plan = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.layout.plan.arrays().items()}
