@@ -90,6 +90,44 @@ def test_every_strategys_step_state_survives_the_epoch_merge_in_place(method, mo
         assert torch.allclose(strategy.memory.loss[1:3], torch.tensor([0.3, 0.9]))  # merged values, same tensors
 
 
+def test_the_merge_carries_each_samples_tier_and_loss_alone_from_the_rank_that_trained_it(monkeypatch):
+    """With the interference watch, the epoch merge takes each sample's last tier from the rank
+    that trained it, and its loss alone where that pass was alone; the rest keep their values."""
+    import torch.distributed as dist
+
+    from mixtrain.memory import LossMemory
+
+    ranks = [LossMemory(6, tiers=True) for _ in range(2)]
+    for m in ranks:  # epoch 0, merged: every sample alone at loss 0.5
+        m.update(torch.arange(6), torch.ones(6, dtype=torch.bool), torch.full((6,), 0.5), torch.ones(6, dtype=torch.bool))
+        m.touched.zero_()
+    # this epoch: rank 0 pairs 0 and 1 (loss 0.9) and trains 2 alone (0.2); rank 1 trains 3 alone (0.1)
+    ranks[0].update(torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool), torch.tensor([0.9, 0.9, 0.2]),
+                    torch.ones(3, dtype=torch.bool), torch.tensor([1, 1, 0], dtype=torch.int8))
+    ranks[1].update(torch.tensor([3]), torch.ones(1, dtype=torch.bool), torch.tensor([0.1]), torch.ones(1, dtype=torch.bool))
+    payloads = [None, None]
+
+    def fake_all_reduce(t, *a, **k):  # each rank's payload is summed with the other's
+        me = 0 if payloads[0] is None else 1
+        payloads[me] = t.clone()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    originals = [m.touched.clone() for m in ranks]
+    for m in ranks:  # collect both payloads first, then merge with their sum
+        m.all_reduce()
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.copy_(payloads[0] + payloads[1]))
+    for m, touched in zip(ranks, originals):
+        m.touched.copy_(touched)
+        m.all_reduce()
+    for m in ranks:
+        tier, alone = m.tiers()
+        assert tier.tolist() == [1, 1, 0, 0, 0, 0]
+        np.testing.assert_allclose(alone, [0.5, 0.5, 0.2, 0.1, 0.5, 0.5])
+        np.testing.assert_allclose(m.loss[:6].numpy(), [0.9, 0.9, 0.2, 0.1, 0.5, 0.5])
+
+
 def test_loss_scale_makes_the_rank_average_the_global_mean():
     """DDP averages the ranks' gradients; with the scale, that average is the gradient of the mean
     over every sample of the global batch (each sample weighs the same, as in one process)."""

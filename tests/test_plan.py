@@ -8,7 +8,7 @@ import torch
 
 from mixtrain import Augment, Baseline, EpochBatches, MixOptions, MixTrain, MixtrainError, choose_mixed, create_strategy
 from mixtrain import plan as P
-from mixtrain.strategies import interfered, plan_tiers
+from mixtrain.strategies import interfered
 
 GRID = (4, 4)
 N = 40
@@ -315,19 +315,36 @@ def _interference_run(opts: MixOptions, epochs: int = 3):
     s = MixTrain(N, GRID, 5, opts=opts)
     alone = np.where(np.arange(N) < 20, 0.05, 0.3).astype(np.float32)
     plans = [s.plan_epoch(0, _rng(0))]
-    _observe(s, alone, np.ones(N, bool))  # epoch 0: every sample alone
+    _observe_plan(s, alone, plans[0])  # epoch 0: every sample alone
     plans.append(s.plan_epoch(1, _rng(1)))
     mixed = alone.copy()
     mixed[HURT_QUAD] = 0.1  # 0.05 over alone, still p(true) > 0.9: quadable
     mixed[HURT_PAIR] = 0.6  # 0.3 over alone, still p(true) > 0.5: mixable
-    _observe(s, mixed, np.ones(N, bool))  # epoch 1
+    _observe_plan(s, mixed, plans[1])  # epoch 1, each sample in the tier the plan gave it
     if epochs > 2:
         plans.append(s.plan_epoch(2, _rng(2)))
     return s, plans
 
 
 def _tiers(plan):
-    return plan_tiers(plan, N)
+    """Each sample's tier in ``plan``: 0 alone, 1 in a pair, 2 in a quad (-1: not in it)."""
+    tier = np.full(N, -1, np.int8)
+    count = np.broadcast_to(plan.valid.sum(1, keepdims=True), plan.valid.shape)
+    tier[plan.index[plan.valid]] = (count[plan.valid] >= 2).astype(np.int8) + (count[plan.valid] >= 4)
+    return tier
+
+
+def _observe_plan(s, loss, plan):
+    """Write ``loss`` (all right) for every sample as trained in ``plan``'s items, as a step's record does."""
+    batch = P.EpochPlan.to_torch(plan, "cpu")
+    logits_loss = torch.tensor(loss)[batch["index"]]
+    valid = batch["valid"]
+
+    class Batch:  # what record() reads of a batch
+        index, valid = batch["index"], batch["valid"]
+
+    nll = torch.where(valid, logits_loss, torch.zeros_like(logits_loss))
+    s.record(Batch, torch.zeros(*valid.shape, 10), torch.zeros(valid.shape, dtype=torch.long), nll=nll)  # all right
 
 
 def test_interference_watch_moves_hurt_samples_one_tier_down():
@@ -340,8 +357,9 @@ def test_interference_watch_moves_hurt_samples_one_tier_down():
     assert (tier[HURT_PAIR] == 0).all()  # from pairs: alone
     assert (tier[HURT_QUAD] == 1).all()  # from quads: paired (the auto rule still mixes them)
     assert (tier[np.setdiff1d(QUAD_TIER, HURT_QUAD)] == 2).all() and (tier[np.setdiff1d(PAIR_TIER, HURT_PAIR)] == 1).all()
-    assert np.array_equal(s.tier, tier)
-    np.testing.assert_allclose(s.alone_loss, np.where(np.arange(N) < 20, 0.05, 0.3))  # from epoch 0 only
+    last_tier, alone_loss = s.memory.tiers()
+    assert np.array_equal(last_tier, _tiers(plans[1]))  # the memory's tiers are those of the passes recorded
+    np.testing.assert_allclose(alone_loss, np.where(np.arange(N) < 20, 0.05, 0.3))  # from epoch 0 only
     assert s.epoch_stats(plans[2])["interfered_fraction"] == pytest.approx(16 / N)
     # the watch off: the same memory keeps them in their tiers
     _, off = _interference_run(MixOptions())
@@ -354,8 +372,9 @@ def test_interference_watch_moves_hurt_samples_one_tier_down():
 
 def test_interference_watch_is_off_by_default_and_leaves_plans_as_they_were():
     default, plans = _interference_run(MixOptions())
-    assert default.alone_loss is None and default.tier is None
-    assert set(default.state_dict()) == {"memory"} and "interfered_fraction" not in default.epoch_stats(plans[2])
+    assert default.memory.tier is None and default.memory.alone_loss is None
+    assert set(default.state_dict()) == {"memory"} and set(default.state_dict()["memory"]) == {"loss", "correct"}
+    assert "interfered_fraction" not in default.epoch_stats(plans[2])
     # -1 explicitly, or a watch that never acts (it draws nothing from the generator): the same plans
     for opts in (MixOptions(interference_margin=-1), MixOptions(interference_margin=1e6)):
         _, other = _interference_run(opts)
@@ -375,25 +394,40 @@ def test_interference_watch_state_round_trip_and_bad_states():
     torch.save(ref.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert set(state) == {"memory", "alone_loss", "tier", "interfered_fraction"}
-    assert state["alone_loss"].dtype == torch.float32 and state["tier"].dtype == torch.int8
+    assert set(state) == {"memory", "interfered_fraction"}
+    assert state["memory"]["alone_loss"].dtype == torch.float32 and state["memory"]["tier"].dtype == torch.int8
     restored = MixTrain(N, GRID, 5, opts=opts)
     restored.load_state_dict(state)
     a, b = ref.plan_epoch(2, _rng(2)), restored.plan_epoch(2, _rng(2))
     for k, v in a.arrays().items():
         assert np.array_equal(v, b.arrays()[k]), k
-    assert (_tiers(a)[HURT_PAIR] == 0).all() and np.array_equal(ref.tier, restored.tier)
-    # a state saved with the watch off: loaded, the watch starts afresh (knows no loss alone yet)
+    assert (_tiers(a)[HURT_PAIR] == 0).all()
+    # planning is a function of the memory: the same epoch planned again is the same plan
+    again = ref.plan_epoch(2, _rng(2))
+    assert all(np.array_equal(v, again.arrays()[k]) for k, v in a.arrays().items())
+    # a memory saved with the watch off: loaded, the watch starts afresh (knows no loss alone yet)
     fresh = MixTrain(N, GRID, 5, opts=opts)
-    fresh.load_state_dict({"memory": state["memory"]})
-    assert np.isnan(fresh.alone_loss).all() and (fresh.tier == -1).all()
+    fresh.load_state_dict({"memory": {k: state["memory"][k] for k in ("loss", "correct")}})
+    tier, alone = fresh.memory.tiers()
+    assert np.isnan(alone).all() and (tier == -1).all()
     assert (_tiers(fresh.plan_epoch(2, _rng(2)))[HURT_PAIR] == 1).all()  # nothing to compare with: nothing moves
-    for bad in (dict(alone_loss=torch.zeros(N + 1)), dict(tier=torch.zeros(N, dtype=torch.float32)),
-                dict(tier=torch.full((N,), 3, dtype=torch.int8)), dict(alone_loss=np.zeros(N, np.float32))):
+    for bad in (dict(alone_loss=torch.zeros(N)), dict(tier=torch.zeros(N + 1, dtype=torch.float32)),
+                dict(tier=torch.full((N + 1,), 3, dtype=torch.int8)), dict(alone_loss=np.zeros(N + 1, np.float32))):
         target = MixTrain(N, GRID, 5, opts=opts)
         with pytest.raises(ValueError):
-            target.load_state_dict({**state, **bad})
-        assert torch.isnan(target.memory.loss).all() and (target.tier == -1).all()  # refused whole: nothing restored
+            target.load_state_dict({**state, "memory": {**state["memory"], **bad}})
+        assert torch.isnan(target.memory.loss).all() and (target.memory.tier == -1).all()  # refused whole
+
+
+def test_the_watch_reads_the_passes_that_ran_when_an_epoch_stops_early():
+    """A sample planned alone but never reached (an epoch cut short) keeps the tier and loss of
+    the pass it really had: its mixed loss never becomes its loss alone."""
+    s, plans = _interference_run(MixOptions(interference_margin=0.02))
+    # epoch 2 stops before any step: the memory still holds epoch 1's passes
+    again = s.plan_epoch(3, _rng(3))
+    tier, alone = s.memory.tiers()
+    np.testing.assert_allclose(alone, np.where(np.arange(N) < 20, 0.05, 0.3))
+    assert (_tiers(again)[HURT_PAIR] == 0).all() and (_tiers(again)[HURT_QUAD] == 1).all()
 
 
 @pytest.mark.parametrize("value, ok", [(float("nan"), False), (-0.5, False), (float("inf"), False),

@@ -433,8 +433,8 @@ class Mixer:
         plan: tensors and plain Python only. Under DDP call it on every process: it merges their
         loss memories first."""
         self._merge()
-        # an epoch planned and not finished keeps its plan, even before its first step: planning it
-        # again is not always the same (the interference watch updates its arrays as it plans)
+        # an epoch planned and not finished keeps its plan, even before its first step: the resumed
+        # run then serves exactly the plan it saved
         mid = self.layout is not None and self.consumed < self.layout.steps
         plan = None
         if mid:

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from .errors import OptionError
 from .memory import LossMemory
 from .plan import EpochPlan
 from .strategies import MixOptions, MixTrain, _Mixing, choose_mixed
@@ -45,6 +46,10 @@ class MixPrune(MixTrain):
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
         # pairs only (two slots): the easiest tier is pruned, not packed in quads, so a 1x2 grid will do
         _Mixing.__init__(self, num_samples, grid, num_epochs, device, opts)
+        if self.opts.interference_margin >= 0:
+            raise OptionError("{interference_margin} (the interference watch) is a rule of method mixtrain only; leave it "
+                              "at -1 with mixprune, got {got}", got=self.opts.interference_margin)
+        self.watching = False
         self.memory = LossMemory(num_samples, device)
 
     def plan_epoch(self, epoch, rng) -> EpochPlan:

@@ -84,7 +84,7 @@ class Strategy:
         """Device tensors the step updates besides the model and optimizer (the loss memory), so
         a CUDA-graph capture can undo its warm-up steps on them."""
         memory = getattr(self, "memory", None)
-        return [] if memory is None else [memory.loss, memory.correct, memory.touched]
+        return [] if memory is None else memory.tensors()
 
     def loss(self, batch, logits, targets, label_smoothing: float = 0.0, per: str = "samples"):
         """The step's loss from the model's ``logits`` (``[B, K, C]`` for separating strategies,
@@ -107,7 +107,13 @@ class Strategy:
                 nll, correct = sample_stats(logits.detach(), targets)
             else:
                 nll, correct = nll.detach(), logits.detach().argmax(-1) == targets
-            self.observe(batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+            flat = (batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
+            memory = getattr(self, "memory", None)
+            if memory is not None and memory.tier is not None:  # the tier of each slot's pass, from its sample count
+                count = batch.valid.sum(1, keepdim=True).expand_as(batch.valid)
+                self.observe(*flat, tier=((count >= 2).to(torch.int8) + (count >= 4).to(torch.int8)).reshape(-1))
+            else:
+                self.observe(*flat)
 
     def end_epoch(self, distributed: bool = False):
         """Per-epoch hook after the last step. ``distributed``: merge the ranks' observations
@@ -252,18 +258,6 @@ def interfered(loss: np.ndarray, alone_loss: np.ndarray, tier: np.ndarray, margi
     return (tier >= 1) & (loss - alone_loss > margin)
 
 
-# samples an item carries -> the tier of each: 1 alone (0), 2 a pair (1), 4 a quad (2)
-_TIER_OF_COUNT = np.array([-1, 0, 1, -1, 2], np.int8)
-
-
-def plan_tiers(plan: P.EpochPlan, num_samples: int) -> np.ndarray:
-    """Each sample's tier in ``plan`` (int8): 0 alone, 1 in a pair, 2 in a quad; -1 not in it."""
-    tier = np.full(num_samples, -1, np.int8)
-    rows, _ = np.nonzero(plan.valid)  # row-major, the order of plan.index[plan.valid]
-    tier[plan.index[plan.valid]] = _TIER_OF_COUNT[plan.valid.sum(1)][rows]
-    return tier
-
-
 class MixTrain(_Mixing):
     """The MixTrain method: separated loss, adaptive ratio, loss-based choice of what is mixed.
 
@@ -273,15 +267,12 @@ class MixTrain(_Mixing):
 
     With ``interference_margin >= 0`` it also watches for interference (:func:`interfered`): a
     sample whose last mixed pass lost more than its last pass alone trains one tier lower the next
-    epoch. That takes two host arrays, kept between plans and saved in :meth:`state_dict`.
+    epoch. The loss memory then also keeps each sample's latest tier and loss alone, written in
+    the step with the loss, so planning stays a function of the memory.
     """
 
     name = "mixtrain"
     uses_memory = True
-    # the interference watch (None when off): each sample's loss in its latest pass alone (NaN:
-    # none yet), and its tier in the latest plan (0 alone, 1 pair, 2 quad; -1: none yet)
-    alone_loss: np.ndarray | None = None
-    tier: np.ndarray | None = None
     interfered_fraction = 0.0  # of the samples, those the watch moved down a tier in the latest plan
 
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
@@ -289,39 +280,23 @@ class MixTrain(_Mixing):
         if self.opts.quad_confidence > 0:
             P.check_grid_can_mix(self.grid, quads_too=True)
             self.slots = 4
-        self.memory = LossMemory(num_samples, device)
-        if self.opts.interference_margin >= 0:
-            self.reset_watch()
-
-    def reset_watch(self):
-        """Forget what the interference watch knows (nothing seen alone, no tier yet)."""
-        self.alone_loss = np.full(self.num_samples, np.nan, np.float32)
-        self.tier = np.full(self.num_samples, -1, np.int8)
-        self.interfered_fraction = 0.0
+        self.watching = self.opts.interference_margin >= 0
+        self.memory = LossMemory(num_samples, device, tiers=self.watching)
 
     def plan_epoch(self, epoch, rng):
-        """As :meth:`Strategy.plan_epoch`; with the interference watch on it also updates the
-        watch's arrays, so call it exactly once per epoch (as the trainer and the Mixer do)."""
-        watching = self.alone_loss is not None
-        if not (watching or self.mixing(epoch)):
-            return super().plan_epoch(epoch, rng)
-        loss, correct = self.memory.snapshot()  # the one device-to-host copy of the epoch
-        lower = None
-        if watching:
-            # plans are made once per epoch, and every sample trains once in each: the memory holds
-            # each sample's loss from the previous plan, alone where its tier there was 0
-            alone = (self.tier == 0) & ~np.isnan(loss)
-            self.alone_loss[alone] = loss[alone]
-            lower = interfered(loss, self.alone_loss, self.tier, self.opts.interference_margin)
+        if not self.mixing(epoch):
             self.interfered_fraction = 0.0
-        plan = self._mixed_plan(epoch, loss, correct, lower, rng) if self.mixing(epoch) else super().plan_epoch(epoch, rng)
-        if watching:
-            self.tier = plan_tiers(plan, self.num_samples)
-        return plan
+            return super().plan_epoch(epoch, rng)
+        loss, correct = self.memory.snapshot()
+        lower = tier = None
+        if self.watching:
+            tier, alone_loss = self.memory.tiers()
+            lower = interfered(loss, alone_loss, tier, self.opts.interference_margin)
+        return self._mixed_plan(epoch, loss, correct, lower, tier, rng)
 
-    def _mixed_plan(self, epoch, loss, correct, lower, rng) -> P.EpochPlan:
+    def _mixed_plan(self, epoch, loss, correct, lower, tier, rng) -> P.EpochPlan:
         """A mixing epoch's plan from the memory's ``loss`` and ``correct``; ``lower``: the samples
-        the interference watch moves one tier below their last (None: the watch is off)."""
+        the interference watch moves one tier below their last pass's ``tier`` (None: the watch is off)."""
         o, n = self.opts, self.num_samples
         if epoch > 0 and o.rule != "all" and np.isnan(loss).all():  # never written: nothing would ever mix
             notice(f"plan_epoch({epoch}): this epoch should mix, but the loss memory is empty: no step's losses were recorded, so it "
@@ -330,7 +305,7 @@ class MixTrain(_Mixing):
         mixable = choose_mixed(loss, correct, o)
         quadable = mixable & correct & (loss <= -math.log(o.quad_confidence)) if o.quad_confidence > 0 else None
         if lower is not None:
-            mixable, quadable = self._step_down(lower, mixable, quadable)
+            mixable, quadable = self._step_down(lower, tier, mixable, quadable)
         items = []
         if quadable is not None:
             q = rng.permutation(np.flatnonzero(quadable))
@@ -342,10 +317,10 @@ class MixTrain(_Mixing):
         items.append(self.pair_items(np.flatnonzero(mixable), loss, rng))
         return self.with_singles(items, np.ones(n, bool), rng)
 
-    def _step_down(self, lower, mixable, quadable):
+    def _step_down(self, lower, tier, mixable, quadable):
         """``mixable`` and ``quadable`` less the samples in ``lower``: out of quads for those last in
         one, not mixed for those last in a pair. Counts those it moves (``interfered_fraction``)."""
-        from_pair, from_quad = lower & (self.tier == 1), lower & (self.tier == 2)
+        from_pair, from_quad = lower & (tier == 1), lower & (tier == 2)
         moved = from_pair & mixable
         mixable = mixable & ~from_pair
         if quadable is not None:
@@ -378,51 +353,31 @@ class MixTrain(_Mixing):
         plan = P.EpochPlan.concat(items)
         return plan.take(rng.permutation(plan.items))
 
-    def observe(self, index, valid, loss, correct):
-        self.memory.update(index, valid, loss, correct)
+    def observe(self, index, valid, loss, correct, tier=None):
+        """Record a step's flat per-slot losses; ``tier``: each slot's pass tier (int8: 0 alone,
+        1 pair, 2 quad), kept when the interference watch is on (None: passes alone)."""
+        self.memory.update(index, valid, loss, correct, tier)
 
     def sync(self):
         self.memory.all_reduce()
 
     def epoch_stats(self, plan):
         stats = super().epoch_stats(plan)
-        if self.alone_loss is not None:  # how much the interference watch acted in planning this epoch
+        if self.watching:  # how much the interference watch acted in planning this epoch
             stats["interfered_fraction"] = self.interfered_fraction
         return stats
 
     def state_dict(self):
         state = {"memory": self.memory.state_dict()}
-        if self.alone_loss is not None:  # the watch on: a checkpoint of the default keeps its layout
-            state.update(alone_loss=torch.from_numpy(self.alone_loss.copy()), tier=torch.from_numpy(self.tier.copy()),
-                         interfered_fraction=float(self.interfered_fraction))
+        if self.watching:  # a run resumed mid-epoch reuses its plan: its log row needs the fraction
+            state["interfered_fraction"] = float(self.interfered_fraction)
         return state
 
     def load_state_dict(self, state):
-        """Restore :meth:`state_dict`'s ``state``. The interference watch's part may be missing (a
-        state saved with the watch off: the watch starts afresh); with the watch off it is ignored.
-        A watch state of another shape or type raises ``ValueError`` before anything is restored."""
-        watch = self._checked_watch_state(state) if self.alone_loss is not None else None
         self.memory.load_state_dict(state["memory"])
-        if self.alone_loss is None:
-            return
-        if watch is None:
-            self.reset_watch()
-            return
-        self.alone_loss, self.tier = watch
-        self.interfered_fraction = float(state.get("interfered_fraction", 0.0))
+        if self.watching:
+            self.interfered_fraction = float(state.get("interfered_fraction", 0.0))
 
-    def _checked_watch_state(self, state) -> tuple[np.ndarray, np.ndarray] | None:
-        """Host copies of the watch's ``alone_loss`` and ``tier`` in ``state`` (None: it holds none)."""
-        if "alone_loss" not in state and "tier" not in state:
-            return None
-        alone, tier, n = state.get("alone_loss"), state.get("tier"), self.num_samples
-        if not (torch.is_tensor(alone) and torch.is_tensor(tier)) or alone.shape != (n,) or tier.shape != (n,):
-            raise ValueError(f"an interference watch state holds two tensors, 'alone_loss' and 'tier', of one entry per "
-                             f"sample ({n} in this dataset)")
-        if not alone.is_floating_point() or tier.dtype != torch.int8 or not ((tier >= -1) & (tier <= 2)).all():
-            raise ValueError("an interference watch's 'alone_loss' must be a float tensor and its 'tier' an int8 "
-                             "tensor of -1, 0, 1 or 2")
-        return alone.detach().cpu().float().numpy().copy(), tier.detach().cpu().numpy().copy()
 
 from .infobatch import InfoBatch  # noqa: E402  (a strategy module of its own; it builds on the classes above)
 from .mixprune import MixPrune  # noqa: E402
