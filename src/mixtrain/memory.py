@@ -75,7 +75,8 @@ class LossMemory:
         self.correct.copy_(torch.where(hit, payload[1] > 0, self.correct))
         if self.tier is not None:
             # a sample's last pass was on one rank: alone there, its loss is also its loss alone
-            self.tier.copy_(torch.where(hit, payload[3].to(torch.int8), self.tier))
+            # clamped: a sample two ranks trained in one epoch (a loop against the rules) stays a valid tier
+            self.tier.copy_(torch.where(hit, payload[3].clamp(max=2).to(torch.int8), self.tier))
             self.alone_loss.copy_(torch.where(hit & (self.tier == 0), self.loss, self.alone_loss))
             self.tier[-1], self.alone_loss[-1] = 0, 0.0
         # the scratch slot holds whatever each rank's empty slots last wrote: the same on every rank

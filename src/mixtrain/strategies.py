@@ -109,7 +109,7 @@ class Strategy:
                 nll, correct = nll.detach(), logits.detach().argmax(-1) == targets
             flat = (batch.index.reshape(-1), batch.valid.reshape(-1), nll.reshape(-1), correct.reshape(-1))
             memory = getattr(self, "memory", None)
-            if memory is not None and memory.tier is not None:  # the tier of each slot's pass, from its sample count
+            if getattr(memory, "tier", None) is not None:  # the tier of each slot's pass, from its sample count
                 count = batch.valid.sum(1, keepdim=True).expand_as(batch.valid)
                 self.observe(*flat, tier=((count >= 2).to(torch.int8) + (count >= 4).to(torch.int8)).reshape(-1))
             else:
