@@ -21,6 +21,7 @@ from mixtrain.data import FolderData, load_data
 from mixtrain.errors import MixtrainError
 from mixtrain.strategies import MixOptions, MixTrain
 from mixtrain.trainer import TrainConfig, Trainer
+from test_reliability import crash_then_resume, without_timings
 
 
 @pytest.fixture(autouse=True)
@@ -456,27 +457,15 @@ def test_placement_host_trains_exactly_like_device(tmp_path):
     assert [r["train_loss"] for r in a["epochs_log"]] == [r["train_loss"] for r in b["epochs_log"]]
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_a_run_killed_mid_epoch_resumes_exactly_from_the_cache(tmp_path):
     root = make_folder(tmp_path / "f", per_class=8)
     ref = Trainer(folder_cfg(tmp_path / "ref", root, method="mixtrain", placement="host")).fit()
-
-    class CrashAfter(Trainer):
-        def on_checkpoint(self, where):
-            if where == "epoch 2, step 2":
-                raise _Crash(where)
-
-    with pytest.raises(_Crash):
-        CrashAfter(folder_cfg(tmp_path / "run", root, method="mixtrain", placement="host", checkpoint_every=2)).fit()
-    resumed = Trainer(folder_cfg(tmp_path / "run", root, method="mixtrain", placement="host", checkpoint_every=2,
-                                 resume=True)).fit()
+    resumed = crash_then_resume(
+        lambda **kw: folder_cfg(tmp_path / "run", root, method="mixtrain", placement="host", checkpoint_every=2, **kw),
+        "epoch 2, step 2")
     for key in ("passes", "samples", "test_accuracy"):
         assert resumed[key] == ref[key]
-    strip = lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]  # noqa: E731
-    assert strip(resumed["epochs_log"]) == strip(ref["epochs_log"])
+    assert without_timings(resumed["epochs_log"]) == without_timings(ref["epochs_log"])
 
 
 def test_folder_trains_through_the_cli_and_records_the_cache(tmp_path, capsys):

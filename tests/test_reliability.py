@@ -83,6 +83,16 @@ class CrashAfter(Trainer):
             raise Crash(where)
 
 
+def crash_then_resume(make_config, crash_at: str) -> dict:
+    """Train ``make_config()`` until it dies right after the checkpoint ``crash_at``, then resume it
+    (``make_config(resume=True)``); the resumed run's metrics."""
+    crashed = CrashAfter(make_config())
+    crashed.crash_at = crash_at
+    with pytest.raises(Crash):
+        crashed.fit()
+    return Trainer(make_config(resume=True)).fit()
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
