@@ -49,7 +49,6 @@ class MixPrune(MixTrain):
         if self.opts.interference_margin >= 0:
             raise OptionError("{interference_margin} (the interference watch) is a rule of method mixtrain only; leave it "
                               "at -1 with mixprune, got {got}", got=self.opts.interference_margin)
-        self.watching = False
         self.memory = LossMemory(num_samples, device)
 
     def plan_epoch(self, epoch, rng) -> EpochPlan:

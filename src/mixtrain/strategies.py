@@ -280,32 +280,23 @@ class MixTrain(_Mixing):
         if self.opts.quad_confidence > 0:
             P.check_grid_can_mix(self.grid, quads_too=True)
             self.slots = 4
-        self.watching = self.opts.interference_margin >= 0
-        self.memory = LossMemory(num_samples, device, tiers=self.watching)
+        self.memory = LossMemory(num_samples, device, tiers=self.opts.interference_margin >= 0)
 
     def plan_epoch(self, epoch, rng):
+        n = self.num_samples
+        self.interfered_fraction = 0.0
         if not self.mixing(epoch):
-            self.interfered_fraction = 0.0
             return super().plan_epoch(epoch, rng)
+        o = self.opts
         loss, correct = self.memory.snapshot()
-        lower = tier = None
-        if self.watching:
-            tier, alone_loss = self.memory.tiers()
-            lower = interfered(loss, alone_loss, tier, self.opts.interference_margin)
-        return self._mixed_plan(epoch, loss, correct, lower, tier, rng)
-
-    def _mixed_plan(self, epoch, loss, correct, lower, tier, rng) -> P.EpochPlan:
-        """A mixing epoch's plan from the memory's ``loss`` and ``correct``; ``lower``: the samples
-        the interference watch moves one tier below their last pass's ``tier`` (None: the watch is off)."""
-        o, n = self.opts, self.num_samples
         if epoch > 0 and o.rule != "all" and np.isnan(loss).all():  # never written: nothing would ever mix
             notice(f"plan_epoch({epoch}): this epoch should mix, but the loss memory is empty: no step's losses were recorded, so it "
                    "trains unmixed. Call method.record(batch, logits, targets) after each step (Mixer.loss does it), "
-                   "or load the method's state_dict when resuming", stacklevel=3)
+                   "or load the method's state_dict when resuming", stacklevel=2)
         mixable = choose_mixed(loss, correct, o)
         quadable = mixable & correct & (loss <= -math.log(o.quad_confidence)) if o.quad_confidence > 0 else None
-        if lower is not None:
-            mixable, quadable = self._step_down(lower, tier, mixable, quadable)
+        if self.watching:
+            mixable, quadable = self._step_down(loss, mixable, quadable)
         items = []
         if quadable is not None:
             q = rng.permutation(np.flatnonzero(quadable))
@@ -317,9 +308,17 @@ class MixTrain(_Mixing):
         items.append(self.pair_items(np.flatnonzero(mixable), loss, rng))
         return self.with_singles(items, np.ones(n, bool), rng)
 
-    def _step_down(self, lower, tier, mixable, quadable):
-        """``mixable`` and ``quadable`` less the samples in ``lower``: out of quads for those last in
-        one, not mixed for those last in a pair. Counts those it moves (``interfered_fraction``)."""
+    @property
+    def watching(self) -> bool:
+        """Whether the interference watch is on (its loss memory keeps tiers)."""
+        return self.memory.tier is not None
+
+    def _step_down(self, loss, mixable, quadable):
+        """``mixable`` and ``quadable`` less the samples mixing interfered with (:func:`interfered`):
+        out of quads for those last in one, not mixed for those last in a pair. Counts those it
+        moves (``interfered_fraction``)."""
+        tier, alone_loss = self.memory.tiers()
+        lower = interfered(loss, alone_loss, tier, self.opts.interference_margin)
         from_pair, from_quad = lower & (tier == 1), lower & (tier == 2)
         moved = from_pair & mixable
         mixable = mixable & ~from_pair
