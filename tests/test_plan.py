@@ -145,7 +145,7 @@ def test_min_share_clip(min_share, lo):
 
 
 def test_fixed_ratio_is_half():
-    s = MixTrain(N, GRID, 2, opts=MixOptions(first_unmixed_epochs=0, rule="all", ratio="fixed"))
+    s = MixTrain(N, GRID, 2, opts=MixOptions(first_unmixed_epochs=0, rule="all", ratio="fixed", quad_confidence=0.0))
     _observe(s, np.random.default_rng(0).uniform(0.01, 3, N), np.ones(N, bool))
     plan = s.plan_epoch(0, _rng(0))
     pairs = plan.valid.sum(1) == 2

@@ -133,7 +133,7 @@ class MixOptions:
                               flag="--mix-threshold")
     fraction: float = option(0.5, "fraction rule: mix this fraction of the lowest-loss samples", group=MIXING,
                              flag="--mix-fraction")
-    quad_confidence: float = option(0.9, "> 0: samples with p(true) >= this are mixed four to an image (2x2 grid)",
+    quad_confidence: float = option(0.8, "> 0: samples with p(true) >= this are mixed four to an image (2x2 grid)",
                                     group=MIXING)
     interference_margin: float = option(
         -1.0, "mixtrain, >= 0: watch for interference: a sample whose loss in its last mixed pass exceeded its last "
