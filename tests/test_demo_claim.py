@@ -2,10 +2,11 @@
 lr 0.05, seed 0, CPU): on digits, mixtrain makes at least 15% fewer passes than the baseline over
 the same epochs, with test accuracy within 2 points.
 
-Measured with today's defaults (quads at p >= 0.9, pairs at p >= 0.5, 2 unmixed final epochs,
---step-scale auto: larger steps for mixed batches), seeds 0/1/2: 44% / 44% / 44% fewer passes at
-0.0 / -0.8 / 0.0 points (before step scaling: 42% / 42% / 41% at -0.8 / -0.8 / -1.1; with the first
-defaults, pairs at p >= 0.75: 26% fewer at -0.8 / -1.1 / -1.1). The suite's one long test (two
+Measured with today's defaults (quads at p >= 0.8, pairs at p >= 0.5, 2 unmixed final epochs,
+--step-scale auto: larger steps for mixed batches), seeds 0/1/2: 50% / 49% / 50% fewer passes at
+-0.8 / -1.1 / +0.3 points (quads at p >= 0.9: 44% / 44% / 44% at 0.0 / -0.8 / 0.0; before step
+scaling: 42% / 42% / 41% at -0.8 / -0.8 / -1.1; with the first defaults, pairs at p >= 0.75: 26%
+fewer at -0.8 / -1.1 / -1.1). The suite's one long test (two
 30-epoch runs).
 """
 
