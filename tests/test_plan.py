@@ -308,6 +308,7 @@ def test_interfered_flags_mixed_samples_whose_loss_rose_past_the_margin():
 # the memory of the interference tests: 40 samples, all right; 0-19 easy enough for quads (p = 0.95),
 # 20-39 for pairs (p = 0.74); after the first mixed epoch 0-7 and 20-27 lost more in their mix.
 # The runs pin the thresholds these were chosen for (mix from p >= 0.5, quads from p >= 0.9).
+INTERFERENCE_THRESHOLDS = dict(confidence=0.5, quad_confidence=0.9)
 QUAD_TIER, PAIR_TIER = np.arange(20), np.arange(20, 40)
 HURT_QUAD, HURT_PAIR = np.arange(8), np.arange(20, 28)
 
@@ -315,7 +316,7 @@ HURT_QUAD, HURT_PAIR = np.arange(8), np.arange(20, 28)
 def _interference_run(opts: MixOptions, epochs: int = 3):
     """A MixTrain with ``opts`` through the epochs 0 (unmixed), 1 and 2 of a 5-epoch schedule,
     its memory written as a trained epoch would between plans; returns it and its plans."""
-    opts = dataclasses.replace(opts, confidence=0.5, quad_confidence=0.9)
+    opts = dataclasses.replace(opts, **INTERFERENCE_THRESHOLDS)
     s = MixTrain(N, GRID, 5, opts=opts)
     alone = np.where(np.arange(N) < 20, 0.05, 0.3).astype(np.float32)
     plans = [s.plan_epoch(0, _rng(0))]
@@ -392,7 +393,7 @@ def test_interference_watch_is_off_by_default_and_leaves_plans_as_they_were():
 def test_interference_watch_state_round_trip_and_bad_states():
     import io
 
-    opts = MixOptions(interference_margin=0.02, confidence=0.5, quad_confidence=0.9)  # as _interference_run pins
+    opts = MixOptions(interference_margin=0.02, **INTERFERENCE_THRESHOLDS)
     ref, _ = _interference_run(opts, epochs=2)
     buf = io.BytesIO()
     torch.save(ref.state_dict(), buf)

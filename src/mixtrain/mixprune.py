@@ -14,9 +14,9 @@ ResNet-18). Pruning skips those samples outright and keeps every trained sample 
 resolution. Measured (ResNet-18, CIFAR-10, 30 epochs, 3 seeds, H200), it does not: the same
 1.72x as mixtrain at 0.39 points less accuracy (``benchmarks/results/s8-mixprune-30ep-h200``,
 session 8, when the easiest tier began at p(true) >= 0.9; with today's 0.8 it is larger and prunes
-more, not yet measured on the GPU); skipping the easiest samples costs more than showing them small. What it costs: nothing per pass beyond mixtrain's; epochs
-carry fewer samples, and the trainer advances the learning-rate schedule by a whole epoch each
-epoch, as for InfoBatch.
+more, not yet measured on the GPU); skipping the easiest samples costs more than showing them small.
+What it costs: nothing per pass beyond mixtrain's; epochs carry fewer samples, and the trainer
+advances the learning-rate schedule by a whole epoch each epoch, as for InfoBatch.
 """
 
 from __future__ import annotations
