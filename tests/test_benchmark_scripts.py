@@ -235,6 +235,30 @@ def test_vit_mask_cost_smoke(tmp_path):
     assert row["model"] == "vit_tiny" and row["pooling_ms"] > 0 and row["attention_ms"] > 0
     assert row["ratio"] == pytest.approx(row["attention_ms"] / row["pooling_ms"])
     assert "| vit_tiny | 16 |" in (tmp_path / "vit_mask_cost.md").read_text()
+    calls = result["attention_calls"]  # one attention call per mask form and kernel, the model's own shape
+    assert {(c["mask"], c["kernel"]) for c in calls} == {(m, k) for m in ("none", "bool", "additive")
+                                                         for k in bench.KERNELS}
+    assert all((c["heads"], c["head_dim"], c["tokens"], c["depth"]) == (3, 64, 16, 12) for c in calls)
+    auto = {c["mask"]: c["ms"] for c in calls if c["kernel"] == "auto"}
+    assert all(ms > 0 for ms in auto.values())  # PyTorch's own choice always runs
+
+
+def test_vit_mask_cost_times_the_mask_the_model_builds():
+    """The benchmark's mask is the step's: pair composites split the token grid into two groups
+    that attend only within themselves."""
+    import torch
+    from mixtrain.models import adapt, create_model, separation_mask, token_owner
+
+    bench = load_script("vit_mask_cost")
+    model = adapt(create_model("vit_tiny", 10, 3, 32), 32, 3)
+    owner = token_owner(bench.pair_pool_masks(model, 6, torch.device("cpu")))
+    assert owner.shape == (6, 64) and set(owner.unique().tolist()) == {0, 1}
+    mask = separation_mask(owner)[:, 0]
+    assert mask.shape == (6, 64, 64) and bool(mask.diagonal(dim1=1, dim2=2).all())
+    sizes = torch.stack([(owner == s).sum(1) for s in (0, 1)], 1)  # tokens per constituent
+    assert bool((sizes >= 16).all()) and bool((sizes.sum(1) == 64).all())  # shares clipped to [0.25, 0.75]
+    assert torch.equal(mask.sum(2), sizes.gather(1, owner))  # each token sees exactly its own constituent
+    assert not bool(mask[owner[:, :, None] != owner[:, None, :]].any())
 
 
 FAKE_AIRBENCH = '''

@@ -482,16 +482,13 @@ class SpatialModel(nn.Module):
             t = t.flatten(1, 2)
         b, n, c = t.shape
         gh, gw = self.grid
-        k = pool_masks.shape[1]
         present = pool_masks > 0  # [B, K, gh, gw]
-        slot = torch.arange(k, device=x.device).view(1, k, 1, 1)
-        owner = torch.where(present, slot, k).amin(1)  # [B, gh, gw]; k: no region (its own group)
         rows, cols = present.any(3), present.any(2)  # [B, K, gh], [B, K, gw]
         heights = torch.cat([rows.sum(2), rows.new_full((b, 1), gh, dtype=torch.long)], 1)  # [B, K + 1]
         widths = torch.cat([cols.sum(2), cols.new_full((b, 1), gw, dtype=torch.long)], 1)
         top = torch.cat([rows.to(torch.uint8).argmax(2), rows.new_zeros((b, 1), dtype=torch.long)], 1)
         left = torch.cat([cols.to(torch.uint8).argmax(2), cols.new_zeros((b, 1), dtype=torch.long)], 1)
-        own = owner.flatten(1)  # [B, N]
+        own = token_owner(pool_masks)  # [B, N]
         ys = torch.arange(gh, device=x.device).view(1, gh, 1).expand(b, gh, gw).flatten(1)
         xs = torch.arange(gw, device=x.device).view(1, 1, gw).expand(b, gh, gw).flatten(1)
         h_tok, w_tok = heights.gather(1, own), widths.gather(1, own)
@@ -503,7 +500,7 @@ class SpatialModel(nn.Module):
         pos = m.pos_embed.reshape(gh0, gw0, c)
         t = t + torch.einsum("bni,bnj,ijc->bnc", wy.to(pos.dtype), wx.to(pos.dtype), pos).to(t.dtype)
         t = m.norm_pre(m.pos_drop(t))
-        mask = (own[:, :, None] == own[:, None, :])[:, None]  # [B, 1, N, N]: True = may attend
+        mask = separation_mask(own)
         for blk in m.blocks:
             t = blk(t, attn_mask=mask)
         return m.norm(t)
@@ -578,6 +575,20 @@ class SpatialModel(nn.Module):
         pooled = self.pool_body_output(f, pool_masks)
         b, k, c = pooled.shape
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
+
+
+def token_owner(pool_masks: torch.Tensor) -> torch.Tensor:
+    """The region (slot) each token of the grid belongs to: ``pool_masks [B, K, h, w]`` -> ``[B, h*w]``
+    (row-major), ``K`` for a token outside every region (they then form a group of their own)."""
+    k = pool_masks.shape[1]
+    slot = torch.arange(k, device=pool_masks.device).view(1, k, 1, 1)
+    return torch.where(pool_masks > 0, slot, k).amin(1).flatten(1)
+
+
+def separation_mask(owner: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal attention mask of tokens owned by ``owner [B, N]``: ``[B, 1, N, N]``, True
+    where a token may attend (same owner). The diagonal is always True, so no row is empty."""
+    return (owner[:, :, None] == owner[:, None, :])[:, None]
 
 
 def region_pool(features: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
