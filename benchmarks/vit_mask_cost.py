@@ -98,11 +98,13 @@ def attention_rows(name: str, size: int, batch: int, device, repeats: int) -> li
     rows = []
     for form, mask in (("none", None), ("bool", allowed), ("additive", bias)):
         for kernel, backend in KERNELS.items():
-            def call():
+            def call():  # forward + backward, gradients returned (none accumulated between calls)
                 with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(grad)
+                    torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), grad)
             try:
                 ms = median_ms(call, device, repeats, inner=10 if cuda else 1, warmup=3 if cuda else 1)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:  # this kernel does not take this input (or this device)
                 ms = None
             rows.append({"model": name, "heads": heads, "head_dim": dim, "tokens": n, "depth": depth, "mask": form,
