@@ -89,7 +89,7 @@ def attention_rows(name: str, size: int, batch: int, device, repeats: int) -> li
     n = model.grid[0] * model.grid[1]
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    allowed = separation_mask(token_owner(pair_pool_masks(model, batch, device)))
+    allowed = separation_mask(token_owner(pair_pool_masks(model, batch, device) > 0))
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, dim, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -117,9 +117,10 @@ def attention_table(rows: list[dict]) -> list[str]:
     times the depth, i.e. per training step."""
     lines = ["", "One attention call, forward + backward (ms); per step = (call - plain call) x depth.", "",
              "| model | heads x dim, tokens | mask | kernel | ms | per step vs plain, ms |", "|---|---|---|---|---:|---:|"]
+    plain = {r["model"]: r["ms"] for r in rows if r["mask"] == "none" and r["kernel"] == "auto"}
     for r in rows:
-        plain = next(p["ms"] for p in rows if p["model"] == r["model"] and p["mask"] == "none" and p["kernel"] == "auto")
-        extra = "" if r["ms"] is None or plain is None else f"{(r['ms'] - plain) * r['depth']:+.3f}"
+        base = plain[r["model"]]
+        extra = "" if r["ms"] is None or base is None else f"{(r['ms'] - base) * r['depth']:+.3f}"
         ms = "refused" if r["ms"] is None else f"{r['ms']:.4f}"
         lines.append(f"| {r['model']} | {r['heads']} x {r['head_dim']}, {r['tokens']} | {r['mask']} | {r['kernel']} | {ms} | {extra} |")
     return lines

@@ -488,7 +488,7 @@ class SpatialModel(nn.Module):
         widths = torch.cat([cols.sum(2), cols.new_full((b, 1), gw, dtype=torch.long)], 1)
         top = torch.cat([rows.to(torch.uint8).argmax(2), rows.new_zeros((b, 1), dtype=torch.long)], 1)
         left = torch.cat([cols.to(torch.uint8).argmax(2), cols.new_zeros((b, 1), dtype=torch.long)], 1)
-        own = token_owner(pool_masks)  # [B, N]
+        own = token_owner(present)  # [B, N]
         ys = torch.arange(gh, device=x.device).view(1, gh, 1).expand(b, gh, gw).flatten(1)
         xs = torch.arange(gw, device=x.device).view(1, 1, gw).expand(b, gh, gw).flatten(1)
         h_tok, w_tok = heights.gather(1, own), widths.gather(1, own)
@@ -577,12 +577,13 @@ class SpatialModel(nn.Module):
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
 
 
-def token_owner(pool_masks: torch.Tensor) -> torch.Tensor:
-    """The region (slot) each token of the grid belongs to: ``pool_masks [B, K, h, w]`` -> ``[B, h*w]``
-    (row-major), ``K`` for a token outside every region (they then form a group of their own)."""
-    k = pool_masks.shape[1]
-    slot = torch.arange(k, device=pool_masks.device).view(1, k, 1, 1)
-    return torch.where(pool_masks > 0, slot, k).amin(1).flatten(1)
+def token_owner(present: torch.Tensor) -> torch.Tensor:
+    """The region (slot) each token of the grid belongs to, from ``present [B, K, h, w]`` (a region's
+    tokens: ``pool_masks > 0``) -> ``[B, h*w]`` (row-major), ``K`` for a token outside every region
+    (they then form a group of their own)."""
+    k = present.shape[1]
+    slot = torch.arange(k, device=present.device).view(1, k, 1, 1)
+    return torch.where(present, slot, k).amin(1).flatten(1)
 
 
 def separation_mask(owner: torch.Tensor) -> torch.Tensor:
