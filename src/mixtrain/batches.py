@@ -74,6 +74,8 @@ class EpochBatches:
     have no defaults: give them, or ``data=`` a data source (:func:`mixtrain.load_data`) whose
     ``image_size``, ``default_augment()`` and ``source_size`` fill whichever is not given.
     ``src_size``: the stored images' size when it differs from ``image_size`` (folder caches).
+    ``scatter``: each constituent shows its whole image on random grid cells, as many as its region
+    has (:func:`~mixtrain.compose.scattered_pool_masks`; for ViTs separated by attention).
 
     >>> batches = EpochBatches(plan, 64, model.grid, "cpu", torch.Generator().manual_seed(epoch),
     ...                        data=data)                                 # doctest: +SKIP
@@ -94,6 +96,7 @@ class EpochBatches:
         blend: bool = False,
         src_size: tuple[int, int] | None = None,
         data=None,
+        scatter: bool = False,
     ):
         if data is not None:
             image_size = data.image_size if image_size is None else image_size
@@ -127,8 +130,12 @@ class EpochBatches:
         self.index, self.valid, self.share, self.weight = t["index"], t["valid"], t["share"], t["weight"]
         rand = torch.rand((self.num_batches, batch_size, k, rand_width(augment)), generator=generator)
         rand = rand.to(device, non_blocking=True)
+        cells = None
+        if scatter:  # drawn after the augmentation's numbers, which stay as without scatter
+            cells = torch.rand((self.num_batches, batch_size, self.grid[0] * self.grid[1]), generator=generator)
+            cells = cells.to(device, non_blocking=True)
         self.geo = geometry(t["box"], t["resize"], t["share"], rand, self.grid, tuple(image_size), augment, blend,
-                            tuple(src_size) if src_size else None)
+                            tuple(src_size) if src_size else None, cells)
         self.source_size = tuple(int(v) for v in (src_size or image_size))  # what compose() must be given
 
     def __len__(self):

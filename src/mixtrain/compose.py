@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import MixtrainError
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -224,6 +226,25 @@ def pool_masks(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return m / area
 
 
+def scattered_pool_masks(box: torch.Tensor, cells_rand: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Scattered cells: each slot keeps its region's number of grid cells (so its area share), dealt
+    over random cells of the whole grid. ``box [..., K, 4]`` cell boxes, ``cells_rand [..., gh*gw]``
+    uniform draws -> averaging weights ``[..., K, gh, gw]`` (each slot's cells / their count).
+
+    The rectangles' owners in row-major order, read through a random permutation (the draws'
+    argsort): every arrangement of the same cell counts is equally likely.
+    """
+    gh, gw = grid
+    k = box.shape[-2]
+    inside = region_masks(box.float(), grid) > 0  # [..., K, gh, gw]
+    slot = torch.arange(k, device=box.device).view(k, 1, 1)
+    owner = torch.where(inside, slot, k).amin(-3).flatten(-2)  # [..., N], k where no slot
+    owner = owner.gather(-1, cells_rand.argsort(-1))
+    m = (owner[..., None, :] == torch.arange(k, device=box.device).view(k, 1)).float()
+    m = m.unflatten(-1, (gh, gw))
+    return m / m.sum((-2, -1), keepdim=True).clamp_min(1.0)
+
+
 @dataclass
 class Geometry:
     """Everything about an item's layout that the step needs, computed for many items at once.
@@ -235,7 +256,9 @@ class Geometry:
     :func:`_composite_exclusive`. Entry ``1 + k`` is slot ``k``; entry 0 is a point outside the
     image, read (as zeros) where no region covers a pixel. ``row [..., K, H]`` and ``col [..., K,
     W]`` are pixel weights whose outer product is the slot's weight (its region, times its share
-    when blending); ``pool [..., K, gh, gw]`` feature-grid averaging weights. ``exclusive``:
+    when blending); ``pool [..., K, gh, gw]`` feature-grid averaging weights. ``scattered``: each
+    slot is laid over the whole image and shows on its ``pool`` cells only (patch-sized cells
+    scattered at random, for ViTs; see :func:`scattered_pool_masks`), a static flag. ``exclusive``:
     regions do not overlap, so each pixel shows one slot's pixels (every plan but MixUp's blends)
     and one resampling renders all slots; a static flag, part of a step's structure. Computing
     these once per epoch for all items leaves the step a handful of operations.
@@ -246,9 +269,10 @@ class Geometry:
     col: torch.Tensor
     pool: torch.Tensor
     exclusive: bool = True
+    scattered: bool = False
 
     def __getitem__(self, j) -> "Geometry":
-        return Geometry(self.lines[j], self.row[j], self.col[j], self.pool[j], self.exclusive)
+        return Geometry(self.lines[j], self.row[j], self.col[j], self.pool[j], self.exclusive, self.scattered)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.lines, self.row, self.col, self.pool)
@@ -295,18 +319,30 @@ def geometry(
     augment: Augment = Augment(),
     blend: bool = False,
     src_size: tuple[int, int] | None = None,
+    cells_rand: torch.Tensor | None = None,
 ) -> Geometry:
     """Layout of items ``[..., K]`` (any leading shape) from their plan columns and random draws.
 
     ``size`` is the output (training) size; ``src_size`` the stored images' size (default: the
     same). They may differ only with a random-resized crop or a downscale, which resample anyway.
+    ``cells_rand [..., gh*gw]``: scatter each slot's cells (:func:`scattered_pool_masks`); every
+    used slot is then placed over the whole image (its usual crop and flip, never downscaled).
     """
-    pbox = pixel_boxes(box, grid, size)
+    scattered = cells_rand is not None
+    place = box
+    if scattered:
+        if blend:
+            raise MixtrainError("scattered cells need exclusive regions; blends (MixUp) cover the whole image")
+        used = (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
+        place = torch.where(used[..., None], box.new_tensor([0, 0, grid[0], grid[1]]), box)
+        resize = torch.zeros_like(resize)
+    pbox = pixel_boxes(place, grid, size)
     lines = sampling_lines(affine_params(pbox, resize, rand, size, augment, src_size), size)
     row, col = axis_masks(pbox, size)
     if blend:
         row = row * share[..., None]
-    return Geometry(lines, row, col, pool_masks(box, grid), exclusive=not blend)
+    pool = scattered_pool_masks(box, cells_rand, grid) if scattered else pool_masks(box, grid)
+    return Geometry(lines, row, col, pool, exclusive=not blend, scattered=scattered)
 
 
 def _sampling_grid(xline: torch.Tensor, yline: torch.Tensor) -> torch.Tensor:
@@ -345,7 +381,14 @@ def _composite_exclusive(images: torch.Tensor, src: torch.Tensor, geo: Geometry,
     # where each pixel's (x, y, depth) lie in the item's flattened lines: its owner's entry (the
     # slot 1 + k whose region holds it, 0 where none does, the last where regions overlap) ...
     code = torch.arange(1, k + 1, device=src.device, dtype=geo.row.dtype) * stride
-    owner = ((geo.row * code[:, None])[:, :, :, None] * geo.col[:, :, None, :]).amax(1)  # [B, H, W]
+    if geo.scattered:  # the owner of each pixel's grid cell
+        cells = ((geo.pool > 0) * code[:, None, None]).amax(1)  # [B, gh, gw]
+        gh, gw = cells.shape[-2:]
+        ys = torch.arange(h, device=src.device) * gh // h
+        xs = torch.arange(w, device=src.device) * gw // w
+        owner = cells[:, ys][:, :, xs]  # [B, H, W]
+    else:
+        owner = ((geo.row * code[:, None])[:, :, :, None] * geo.col[:, :, None, :]).amax(1)  # [B, H, W]
     # ... plus the pixel's column, row, and the depth's place within that entry
     where = (owner[..., None] + _within_lines(h, w, owner.device)).long()
     sampling = torch.gather(geo.lines.reshape(b, -1), 1, where.reshape(b, -1)).view(b, 1, h, w, 3)

@@ -466,7 +466,7 @@ class SpatialModel(nn.Module):
         except (TypeError, ValueError):
             return False
 
-    def _separated_tokens(self, x: torch.Tensor, pool_masks: torch.Tensor) -> torch.Tensor:
+    def _separated_tokens(self, x: torch.Tensor, pool_masks: torch.Tensor, own_positions: bool = False) -> torch.Tensor:
         """The ViT body on composites with every constituent kept apart: ``[B, N, C]`` tokens.
 
         Each token belongs to the region (slot) that holds it (``pool_masks > 0``); it attends
@@ -475,6 +475,10 @@ class SpatialModel(nn.Module):
         its region's token grid (timm's bicubic, antialiased resampling, done as two 1-D linear
         maps per token). A region of h x w tokens is then computed exactly as that constituent
         alone at an h x w token grid; fixed shapes, no host synchronisation.
+
+        ``own_positions`` (scattered cells, any shape of region): every token keeps the position
+        embedding of its place in the whole image, so a constituent is computed exactly as its
+        whole image with only its own tokens kept (patch dropout).
         """
         m = self.model
         t = m.patch_embed(x)
@@ -483,17 +487,13 @@ class SpatialModel(nn.Module):
         b, n, c = t.shape
         gh, gw = self.grid
         present = pool_masks > 0  # [B, K, gh, gw]
-        rows, cols = present.any(3), present.any(2)  # [B, K, gh], [B, K, gw]
-        heights = torch.cat([rows.sum(2), rows.new_full((b, 1), gh, dtype=torch.long)], 1)  # [B, K + 1]
-        widths = torch.cat([cols.sum(2), cols.new_full((b, 1), gw, dtype=torch.long)], 1)
-        top = torch.cat([rows.to(torch.uint8).argmax(2), rows.new_zeros((b, 1), dtype=torch.long)], 1)
-        left = torch.cat([cols.to(torch.uint8).argmax(2), cols.new_zeros((b, 1), dtype=torch.long)], 1)
         own = token_owner(present)  # [B, N]
         ys = torch.arange(gh, device=x.device).view(1, gh, 1).expand(b, gh, gw).flatten(1)
         xs = torch.arange(gw, device=x.device).view(1, 1, gw).expand(b, gh, gw).flatten(1)
-        h_tok, w_tok = heights.gather(1, own), widths.gather(1, own)
-        r_tok = (ys - top.gather(1, own)).clamp_min(0)
-        c_tok = (xs - left.gather(1, own)).clamp_min(0)
+        if own_positions:  # the whole grid's embedding at every token
+            h_tok, w_tok, r_tok, c_tok = torch.full_like(own, gh), torch.full_like(own, gw), ys, xs
+        else:
+            h_tok, w_tok, r_tok, c_tok = region_token_places(present, own, ys, xs)
         wy = self._resample_y[h_tok, r_tok]  # [B, N, gh0]
         wx = self._resample_x[w_tok, c_tok]  # [B, N, gw0]
         gh0, gw0 = wy.shape[-1], wx.shape[-1]
@@ -566,12 +566,17 @@ class SpatialModel(nn.Module):
             return torch.einsum("bhwc,bkhw->bkc", f, m)
         return region_pool(f, m)
 
-    def forward(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool_masks: torch.Tensor | None = None, own_positions: bool = False) -> torch.Tensor:
         """``forward(x)``: the plain model, logits ``[B, classes]``. ``forward(x, pool_masks)``: one
-        prediction per region, logits ``[B, K, classes]`` (see the class docstring)."""
+        prediction per region, logits ``[B, K, classes]`` (see the class docstring).
+        ``own_positions``: regions are scattered cells of whole images (ViTs separated by attention
+        only; see :meth:`_separated_tokens`)."""
         if pool_masks is None:
             return self.model.forward_head(self.model.forward_features(x))  # the model's own pooling (checked to be the average)
-        f = self._separated_tokens(x, pool_masks) if self.separates_attention else self.model.forward_features(x)
+        if own_positions and not self.separates_attention:
+            raise MixtrainError("scattered cells need a ViT separated by attention: without the mask every "
+                                "constituent's tokens would mix with its partners' in every layer")
+        f = self._separated_tokens(x, pool_masks, own_positions) if self.separates_attention else self.model.forward_features(x)
         pooled = self.pool_body_output(f, pool_masks)
         b, k, c = pooled.shape
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
@@ -584,6 +589,22 @@ def token_owner(present: torch.Tensor) -> torch.Tensor:
     k = present.shape[1]
     slot = torch.arange(k, device=present.device).view(1, k, 1, 1)
     return torch.where(present, slot, k).amin(1).flatten(1)
+
+
+def region_token_places(present: torch.Tensor, own: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor):
+    """Each token's place in its own rectangular region: from the regions' tokens ``present [B, K,
+    gh, gw]``, each token's owner ``own [B, N]`` and its row and column on the whole grid ``ys, xs
+    [B, N]`` -> its region's height and width and its row and column within it (``[B, N]`` each).
+    Tokens outside every region (owner ``K``) are placed on the whole grid."""
+    b, _, gh, gw = present.shape
+    rows, cols = present.any(3), present.any(2)  # [B, K, gh], [B, K, gw]
+    heights = torch.cat([rows.sum(2), rows.new_full((b, 1), gh, dtype=torch.long)], 1)  # [B, K + 1]
+    widths = torch.cat([cols.sum(2), cols.new_full((b, 1), gw, dtype=torch.long)], 1)
+    top = torch.cat([rows.to(torch.uint8).argmax(2), rows.new_zeros((b, 1), dtype=torch.long)], 1)
+    left = torch.cat([cols.to(torch.uint8).argmax(2), cols.new_zeros((b, 1), dtype=torch.long)], 1)
+    r_tok = (ys - top.gather(1, own)).clamp_min(0)
+    c_tok = (xs - left.gather(1, own)).clamp_min(0)
+    return heights.gather(1, own), widths.gather(1, own), r_tok, c_tok
 
 
 def separation_mask(owner: torch.Tensor) -> torch.Tensor:

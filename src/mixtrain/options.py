@@ -147,6 +147,10 @@ class MixOptions:
                           choices=("random", "easy-hard"))
     pair_resize: bool = option(False, "downscale pair constituents into their region instead of cropping", group=MIXING)
     quad_resize: bool = option(True, "downscale quad constituents into their quadrant instead of cropping", group=MIXING)
+    scatter: bool = option(
+        False, "ViTs separated by attention: each constituent keeps as many patches as its region would have, but "
+        "scattered at random over its whole image and at their own positions (packed patch dropout), instead of "
+        "a region of the composite; separating methods only", group=MIXING)
     loss_per: str = option(
         "samples", "batch loss = sum of per-sample losses / samples carried (samples) or / passes (passes: larger "
         "steps when more is mixed)", group=MIXING, choices=("samples", "passes"))

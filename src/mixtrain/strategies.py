@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import plan as P
-from .errors import MixtrainError, notice
+from .errors import MixtrainError, OptionError, notice
 from .loss import sample_stats, separated_loss, soft_label_loss
 from .memory import LossMemory
 from .options import MixOptions  # declared with every other option (re-exported here)
@@ -37,6 +37,7 @@ class Strategy:
     blend = False  # pixels blended over the whole image (MixUp) instead of exclusive regions
     uses_memory = False  # observe() wants per-sample losses (computed only then)
     prunes = False  # plans may leave samples out of an epoch (each epoch then carries fewer than N)
+    scatter = False  # constituents on scattered cells of their whole image (MixOptions.scatter; ViTs)
 
     def __init__(self, num_samples: int, grid: tuple[int, int], num_epochs: int, device="cpu"):
         self.num_samples = int(num_samples)
@@ -61,7 +62,12 @@ class Strategy:
     def forward(self, model, x, batch):
         """The model's predictions for the step: one per constituent, ``[B, K, classes]``, from
         each region's pooled features (``model(x, pool_masks)``; a single slot needs no masks)."""
-        logits = model(x, None if self.slots == 1 else batch.pool_masks())
+        if self.slots == 1:
+            logits = model(x, None)
+        elif batch.geo.scattered:  # each token keeps its place in its whole image
+            logits = model(x, batch.pool_masks(), own_positions=True)
+        else:
+            logits = model(x, batch.pool_masks())
         return logits[:, None] if logits.ndim == 2 else logits
 
     def averages_over_passes(self, loss_per: str) -> bool:
@@ -153,6 +159,10 @@ class _Mixing(Strategy):
         self.opts = opts or MixOptions()
         self.opts.check()
         P.check_grid_can_mix(self.grid)
+        if self.opts.scatter and not self.separate:
+            raise OptionError("{scatter} needs a method with a loss per constituent (mixtrain, mixprune); "
+                              f"{self.name} trains the whole composite against a soft label")
+        self.scatter = bool(self.opts.scatter)
         if not any(self.mixing(e) for e in range(self.num_epochs)):  # nothing silent: say so now
             o, n = self.opts, self.num_epochs
             notice(f"{self.name} will never mix in this run: of its {n} epoch(s), the first {o.first_unmixed_epochs} "

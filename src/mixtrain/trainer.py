@@ -128,6 +128,10 @@ class Trainer:
         self.data = self._load_data(data)
         self._build_model()
         self.strategy = create_strategy(cfg.method, self.data.num_train, self.grid, cfg.epochs, self.device, cfg.mix)
+        if self.strategy.scatter and not self.model.separates_attention:
+            raise OptionError("{mix.scatter} needs a ViT separated by attention ({vit_separation} attention; a "
+                              f"timm-style ViT without class token): {cfg.resolved_model()} is not one, and without "
+                              "the mask scattered constituents would mix in every layer")
         self.loss_per = cfg.mix.loss_per
         # soft-label losses average over passes; the DDP loss weights must match the normalisation
         self.per_pass = self.strategy.averages_over_passes(self.loss_per)
@@ -254,7 +258,8 @@ class Trainer:
         clock = EpochClock(self.sync, partial["seconds"] if partial else 0.0)  # planning is training time
         plan = resumed_plan if resumed_plan is not None else self.strategy.plan_epoch(epoch, plan_rng)
         batches = EpochBatches(plan, cfg.batch_size, self.grid, self.device, aug_gen, self.dist.rank, self.dist.world,
-                               pad_rng, self.image_hw, self.augment, self.strategy.blend, self.data.source_size)
+                               pad_rng, self.image_hw, self.augment, self.strategy.blend, self.data.source_size,
+                               scatter=self.strategy.scatter)
         lrs = self._learning_rates(plan, batches)
         # each step's loss goes into one device buffer: no host sync per step (see hooks.StepLosses)
         losses = StepLosses(len(batches), self.device, self.dist, partial["loss_sum"] if partial and self.is_main else 0.0)
