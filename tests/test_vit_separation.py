@@ -104,3 +104,22 @@ def test_masked_path_trains_every_parameter_and_tolerates_uncovered_tokens():
     assert torch.isfinite(out).all()  # no fully masked attention row (a token always sees itself)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_mask_is_one_additive_bias_in_the_attention_dtype():
+    from mixtrain.models import _attention_dtype, separation_bias, separation_mask
+
+    owner = torch.tensor([[0, 0, 1, 2, 1], [3, 3, 3, 3, 3]])
+    bias = separation_bias(owner, torch.float32)
+    assert bias.shape == (2, 1, 5, 5) and bias.stride(-2) == 16  # rows padded to the kernels' alignment
+    allowed = separation_mask(owner)
+    assert (bias[allowed] == 0).all() and torch.isneginf(bias[~allowed]).all()
+    assert (bias == 0).any(-1).all()  # no row without a token to attend to
+    t = torch.zeros(1, 2, 3)
+    assert _attention_dtype(t) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _attention_dtype(t) == torch.bfloat16
+        model = adapt(create_model("vit_tiny", 4, 3, 16), 16, 3)
+        box = torch.tensor([[[0, 0, 4, 1], [0, 1, 4, 4]]])
+        out = model(torch.randn(1, 3, 16, 16), pool_masks(box, model.grid))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
