@@ -17,7 +17,8 @@ that a bench's runs compare on one device). ``NAME`` is the job's folder under `
 those of ``python3 -m mixtrain bench`` without ``--out``, ``--device``, ``--devices``,
 ``--resume`` and ``--stop-after``, which this script sets; they are parsed and checked (methods
 and their options, epochs, seeds) before anything runs.
-The script exits 1 if a bench exited non-zero or was stopped by the deadline.
+The script exits 1 if a bench exited non-zero, stopped with runs left (a bench stops itself before
+the deadline rather than start a run that would not fit) or could not start.
 
     PYTHONPATH=src python3 benchmarks/gpu_queue.py QUEUE --seconds 560 --work /root/w --tar $OUT/w.tar
 
@@ -163,6 +164,22 @@ def finished_runs(out: str) -> int:
     return len(results.get("runs", [])) + len(results.get("diverged", []))
 
 
+def planned_runs(args: list[str]) -> int:
+    """Runs a bench with these arguments plans: methods x epochs x seeds (parsed as the bench does)."""
+    from mixtrain import bench
+    from mixtrain.cli import build_parser
+
+    parsed = build_parser().parse_args(["bench", *args])
+    return (len(bench.parse_methods(parsed.methods)) * len(bench.parse_epochs(parsed.epoch_list))
+            * len(bench.parse_seeds(parsed.seeds)))
+
+
+def runs_left(out: str, args: list[str]) -> int:
+    """Planned runs of the bench in ``out`` that have not finished (a bench that stops itself before
+    ``--stop-after`` exits 0 with runs left: only this count says whether it is done)."""
+    return max(0, planned_runs(args) - finished_runs(out))
+
+
 def diverged_runs(out: str) -> int:
     """Runs of the bench folder ``out`` that stopped at a non-finite loss or weights."""
     return len(_results(out).get("diverged", []))
@@ -254,11 +271,16 @@ def main(argv=None) -> int:
     bad = {n: o for n, o in outcomes.items() if o not in (0, None)}
     waiting = [n for n, o in outcomes.items() if o is None] + [n for _, n, _ in shared]
     diverged = [n for n in outcomes if diverged_runs(os.path.join(a.work, n))]
-    print(f"done: {sum(o == 0 for o in outcomes.values())} benches exited 0"
+    args_of = {n: args for _, n, args in jobs}
+    left = {n: runs_left(os.path.join(a.work, n), args_of[n]) for n, o in outcomes.items() if o == 0}
+    unfinished = {n: k for n, k in left.items() if k}
+    print(f"done: {sum(k == 0 for k in left.values())} benches complete"
+          + (f"; stopped with runs left (run the same command again): "
+             f"{', '.join(f'{n} ({k} left)' for n, k in unfinished.items())}" if unfinished else "")
           + (f"; not started for lack of time: {', '.join(waiting)}" if waiting else "")
           + (f"; with diverged runs: {', '.join(diverged)}" if diverged else "")
           + (f"; problems: {', '.join(f'{n} ({o})' for n, o in bad.items())}" if bad else ""), flush=True)
-    return 1 if bad else 0
+    return 1 if bad or unfinished or waiting else 0
 
 
 if __name__ == "__main__":

@@ -95,3 +95,17 @@ def test_physical_gpu_follows_the_parents_visible_devices(monkeypatch):
     assert gpu_queue.physical_gpu("1") == "3"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert gpu_queue.physical_gpu("1") == "1"
+
+
+def test_runs_left_counts_what_a_bench_planned_and_has_not_finished(tmp_path):
+    import json
+
+    args = ["--methods", "baseline,mixtrain", "--epochs", "30,60", "--seeds", "2,2", "--model", "resnet50"]
+    assert gpu_queue.planned_runs(args) == 4  # 2 methods x 2 schedules x 1 seed
+    out = tmp_path / "b"
+    assert gpu_queue.runs_left(str(out), args) == 4  # no folder yet
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"runs": [{"key": "baseline-e30-s2"}, {"key": "mixtrain-e30-s2"}],
+                                                  "diverged": [{"key": "baseline-e60-s2"}]}))
+    assert gpu_queue.runs_left(str(out), args) == 1  # a diverged run is finished too (not retried)
+    assert gpu_queue.runs_left(str(out), ["--methods", "baseline", "--seeds", "1"]) == 0
