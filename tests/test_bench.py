@@ -470,3 +470,20 @@ def test_a_diverged_run_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatch,
     assert "all 4 runs are already in" in capsys.readouterr().out
     merged = bench.merge_results({"b": results})
     assert merged["diverged"] == results["diverged"]
+
+
+def test_source_digest_names_the_code_not_the_checkout(tmp_path):
+    import shutil
+
+    from mixtrain.bench import _versions_with_commit, source_digest
+
+    src = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(bench.__file__), src, ignore=shutil.ignore_patterns("__pycache__"))
+    d = source_digest(str(src))
+    assert d == source_digest() and len(d) == 12  # the same files, elsewhere: the same digest
+    (src / "notes.txt").write_text("not code")
+    assert source_digest(str(src)) == d
+    (src / "__pycache__").mkdir()
+    (src / "plan.py").write_text((src / "plan.py").read_text() + "\n# one more line\n")
+    assert source_digest(str(src)) != d  # one edited line: another digest
+    assert _versions_with_commit()["mixtrain_source"] == d

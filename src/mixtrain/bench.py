@@ -611,14 +611,33 @@ def _dynamo_graphs() -> int | None:
         return None
 
 
+def source_digest(root: str | None = None) -> str:
+    """A short SHA-256 of the library's source (every ``*.py`` under ``root``, default this package,
+    by relative path and content). It names the code that ran even where a copy of the checkout
+    carries stale git metadata (session 16's GPU machine reported its first commit, ``+dirty``):
+    run the same function at a checkout of a commit to see whether that commit is the code."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.abspath(__file__))
+    files = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                   for d, _, names in os.walk(root) for f in names if f.endswith(".py"))
+    h = hashlib.sha256()
+    for rel in files:
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(rel.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def _versions_with_commit() -> dict:
-    """The library versions, plus the source's git commit when it runs from a checkout."""
+    """The library versions, plus the source's git commit when it runs from a checkout and the
+    digest of its source (:func:`source_digest`) always."""
     from .trainer import versions
 
     vers = versions()
     commit = _git_commit()
     if commit:
         vers["mixtrain_commit"] = commit
+    vers["mixtrain_source"] = source_digest()
     return vers
 
 
