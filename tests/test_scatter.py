@@ -157,3 +157,13 @@ def test_a_vit_trains_with_scattered_constituents(tmp_path):
     rows = trainer.fit()["epochs_log"]
     assert rows[1]["passes"] < rows[0]["passes"]  # the scattered epoch packed samples: fewer passes
     assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_the_own_loop_mixer_and_the_fast_recipe_refuse_scatter():
+    from mixtrain import Mixer
+    from mixtrain.fast import recipe_mix_options
+
+    with pytest.raises(OptionError, match="Mixer composes rectangular regions only"):
+        Mixer(grid=(4, 4), image_size=16, num_samples=64, epochs=3, batch_size=8, opts=MixOptions(scatter=True))
+    with pytest.raises(OptionError, match="the fast recipe trains a CNN"):
+        recipe_mix_options(scatter=True)

@@ -32,7 +32,7 @@ from .airbench import WIDTHS, AirbenchNet, FlipTranslate, WeightAverage, average
 from .airbench import recipe_optimizer, tta_logits
 from .batches import EpochBatches
 from .compose import Augment, Normalizer
-from .errors import MixtrainError
+from .errors import MixtrainError, OptionError
 from .loss import sample_stats, separated_loss
 from .models import SpatialModel
 from .strategies import Baseline, MixOptions, MixTrain
@@ -67,6 +67,8 @@ def recipe_mix_options(**overrides) -> MixOptions:
     (a 3x3 feature grid has no equal quadrants). ``overrides`` by field name."""
     opts = {"first_unmixed_epochs": 1, "final_unmixed_epochs": 1, "quad_confidence": 0.0}
     opts.update(overrides)
+    if opts.get("scatter"):
+        raise OptionError("{scatter} needs a ViT separated by attention; the fast recipe trains a CNN")
     return MixOptions(**opts)
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import Sampler
 
 from . import plan as P
 from .compose import Augment, compose_from, geometry, rand_width
-from .errors import MixtrainError
+from .errors import MixtrainError, OptionError
 from .plan import EpochPlan
 from .strategies import MixOptions, Strategy, create_strategy
 
@@ -263,6 +263,9 @@ class Mixer:
         opts = opts or MixOptions()
         opts.check()  # a baseline's strategy never reads them, yet lr_factor does
         self.strategy: Strategy = create_strategy(method, self.num_samples, self.grid, self.epochs, device or "cpu", opts)
+        if self.strategy.scatter:  # its pixels and positions are the trainer's (EpochBatches, SpatialModel)
+            raise OptionError("{scatter} (scattered cells for ViTs) runs in the trainer (mixtrain train, mixtrain "
+                              "bench, mixtrain.train); Mixer composes rectangular regions only")
         self.loss_per = opts.loss_per
         self.step_scale = opts.resolved_step_scale(_optimizer_name(optimizer))
         # losses averaged over passes (soft labels, or loss_per="passes") are weighed by passes under DDP
