@@ -233,10 +233,17 @@ def test_show_bad_input_is_one_error_line(digits_run, tmp_path, capsys):
     np.savez(small / "test.npz", x=x[:10], y=y[:10])
     (tmp_path / "nockpt").mkdir()
     (tmp_path / "nockpt" / "config.json").write_text((digits_run / "config.json").read_text())
+    scattered = tmp_path / "scattered"  # the same run, as if trained with --scatter on
+    scattered.mkdir()
+    config = json.loads((digits_run / "config.json").read_text())
+    config["mix"]["scatter"] = True
+    (scattered / "config.json").write_text(json.dumps(config))
+    (scattered / "checkpoint.pt").write_bytes((digits_run / "checkpoint.pt").read_bytes())
     cases = [
         (["--from", str(tmp_path / "missing")], "no such run folder"),
         (["--from", str(empty)], "no config.json"),
         (["--from", str(tmp_path / "nockpt")], "no checkpoint.pt"),
+        (["--from", str(scattered)], "draws rectangular regions, not scattered cells"),
         (["--from", str(digits_run), "--epoch", "4"], "--epoch must be in 1..3"),
         (["--from", str(digits_run), "--model", "resnet18"], "the run in"),
         (["--from", str(digits_run), "--batch", "999"], "past the end of the epoch"),

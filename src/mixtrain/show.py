@@ -470,6 +470,9 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     """
     _check_show_args(out, images, batch, columns, epoch, train_samples, train_epochs)
     cfg, state = _config_to_show(run, data, model, method, epochs, seed)
+    if cfg.mix.scatter:  # its cells are dealt at random over the grid: there are no region borders to draw
+        raise MixtrainError(f"the run in {run} trained with --scatter on: mixtrain show draws rectangular regions, "
+                            "not scattered cells")
     cfg, trainer = _cpu_trainer(cfg, run, data)
     dataset, strategy, memory_text, after = _loss_memory(trainer, cfg, run, state, train_samples, train_epochs, log)
 
