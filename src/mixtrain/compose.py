@@ -226,6 +226,15 @@ def pool_masks(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return m / area
 
 
+def token_owner(present: torch.Tensor) -> torch.Tensor:
+    """The region (slot) each cell of the grid belongs to, from ``present [..., K, h, w]`` (a region's
+    cells: ``pool_masks > 0``) -> ``[..., h*w]`` (row-major), ``K`` for a cell outside every region
+    (for a ViT, those tokens then form a group of their own)."""
+    k = present.shape[-3]
+    slot = torch.arange(k, device=present.device).view(k, 1, 1)
+    return torch.where(present, slot, k).amin(-3).flatten(-2)
+
+
 def scattered_pool_masks(box: torch.Tensor, cells_rand: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Scattered cells: each slot keeps its region's number of grid cells (so its area share), dealt
     over random cells of the whole grid. ``box [..., K, 4]`` cell boxes, ``cells_rand [..., gh*gw]``
@@ -236,9 +245,7 @@ def scattered_pool_masks(box: torch.Tensor, cells_rand: torch.Tensor, grid: tupl
     """
     gh, gw = grid
     k = box.shape[-2]
-    inside = region_masks(box.float(), grid) > 0  # [..., K, gh, gw]
-    slot = torch.arange(k, device=box.device).view(k, 1, 1)
-    owner = torch.where(inside, slot, k).amin(-3).flatten(-2)  # [..., N], k where no slot
+    owner = token_owner(region_masks(box.float(), grid) > 0)  # [..., N], k where no slot
     owner = owner.gather(-1, cells_rand.argsort(-1))
     m = (owner[..., None, :] == torch.arange(k, device=box.device).view(k, 1)).float()
     m = m.unflatten(-1, (gh, gw))

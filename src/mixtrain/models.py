@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .airbench import AirbenchNet
+from .compose import token_owner  # noqa: F401 -- the ViT mask's owners; part of this module's interface
 from .errors import MixtrainError
 
 
@@ -580,15 +581,6 @@ class SpatialModel(nn.Module):
         pooled = self.pool_body_output(f, pool_masks)
         b, k, c = pooled.shape
         return self._head(pooled.reshape(b * k, c)).view(b, k, -1)
-
-
-def token_owner(present: torch.Tensor) -> torch.Tensor:
-    """The region (slot) each token of the grid belongs to, from ``present [B, K, h, w]`` (a region's
-    tokens: ``pool_masks > 0``) -> ``[B, h*w]`` (row-major), ``K`` for a token outside every region
-    (they then form a group of their own)."""
-    k = present.shape[1]
-    slot = torch.arange(k, device=present.device).view(1, k, 1, 1)
-    return torch.where(present, slot, k).amin(1).flatten(1)
 
 
 def region_token_places(present: torch.Tensor, own: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor):
