@@ -487,3 +487,10 @@ def test_source_digest_names_the_code_not_the_checkout(tmp_path):
     (src / "plan.py").write_text((src / "plan.py").read_text() + "\n# one more line\n")
     assert source_digest(str(src)) != d  # one edited line: another digest
     assert _versions_with_commit()["mixtrain_source"] == d
+
+
+def test_a_comma_between_method_options_gets_a_hint_to_use_semicolons():
+    from mixtrain.bench import split_method
+
+    with pytest.raises(MixtrainError, match=r"needs a float, got '0.4,quad_confidence=0.8'; separate options with ';'"):
+        split_method("mixtrain(confidence=0.4,quad_confidence=0.8)")

@@ -388,11 +388,17 @@ def test_resume_may_change_how_it_runs(npz, finished_run, capsys):
     assert code == 0, err
 
 
-def test_resume_from_corrupt_checkpoint(npz, tmp_path, capsys):
+@pytest.mark.parametrize("content, needle", [
+    (b"PK\x03\x04 not really", "checkpoint.pt is damaged or truncated"),  # a broken zip archive
+    (b"garbage\n", "checkpoint.pt is damaged or not a checkpoint"),  # no pickle at all: not the code refusal
+    (b"", "checkpoint.pt is empty (0 bytes)"),
+])
+def test_resume_from_corrupt_checkpoint(npz, tmp_path, capsys, content, needle):
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really")
+    (tmp_path / "o" / "checkpoint.pt").write_bytes(content)
     code, err = run(capsys, "--resume", data=f"npz:{npz}", out=tmp_path / "o")
-    assert_clean_error(code, err, "checkpoint.pt is unreadable")
+    assert_clean_error(code, err, needle)
+    assert "refused" not in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,3 +418,74 @@ def test_command_exit_status_and_message(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"error: data directory not found: {tmp_path / 'nowhere'}"
     assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# found by a user's audit (session 17): each was a traceback, a silent result or a misleading line
+
+
+def test_negative_seed_is_an_option_error(npz, tmp_path, capsys):
+    code, err = run(capsys, "--seed", "-1", data=f"npz:{npz}", out=tmp_path / "o")
+    assert_clean_error(code, err, "--seed must be >= 0, got -1")
+
+
+def test_momentum_of_one_or_more_is_refused(npz, tmp_path, capsys):
+    code, err = run(capsys, "--momentum", "1.5", data=f"npz:{npz}", out=tmp_path / "o")
+    assert_clean_error(code, err, "--momentum must be in [0, 1)")
+
+
+def test_usage_errors_are_one_line(capsys):
+    for argv, needle in ((["train", "--epochs", "1.5"], "invalid int value: '1.5'"),
+                         (["train", "--nesterov", "maybe"], "expected on/off"),
+                         (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                         (["fast", "--tta-level", "5"], "invalid choice: 5")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert_clean_error(2, capsys.readouterr().err, needle)
+
+
+def test_help_shows_on_off_defaults_as_on_off(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Nesterov momentum (default: on)" in out and "(default: True)" not in out
+
+
+def test_one_class_data_is_refused(tmp_path, capsys):
+    xtr, _ = images(40)
+    xte, _ = images(20, seed=1)
+    root = write_npz(tmp_path / "one", train={"x": xtr, "y": np.zeros(40, np.int64)},
+                     test={"x": xte, "y": np.zeros(20, np.int64)})
+    code, err = run(capsys, data=f"npz:{root}", out=tmp_path / "o")
+    assert_clean_error(code, err, "has 1 class: a classifier needs at least 2")
+
+
+def test_a_directory_for_digits_is_refused(tmp_path, capsys):
+    code, err = run(capsys, data=f"digits:{tmp_path}", out=tmp_path / "o")
+    assert_clean_error(code, err, "digits takes no directory")
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_retried(npz, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, err = run(capsys, "--seed", "-1", data=f"npz:{npz}", out=out)  # fails at once
+    assert code == 2
+    (out).mkdir(exist_ok=True)
+    (out / "config.json").write_text("{}")  # what a run that died in its first epoch leaves
+    code, err = run(capsys, data=f"npz:{npz}", out=out)
+    assert code == 0, err
+    assert (out / "metrics.json").exists()
+
+
+def test_resume_without_config_json_takes_the_checkpoints_options(npz, tmp_path, capsys):
+    from mixtrain import TrainConfig, train
+
+    out = tmp_path / "o"
+
+    cfg = TrainConfig(data=f"npz:{npz}", model="digitnet", epochs=2, batch_size=8, device="cpu", out=str(out),
+                      progress="none", lr=0.05)
+    train(cfg)
+    os.remove(out / "config.json")  # before the fix: compared with the defaults (batch size 512, 30 epochs)
+    argv = ["train", "--resume", "--out", str(out), "--progress", "none"]  # none of the run's options given
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "other options" not in capsys.readouterr().err

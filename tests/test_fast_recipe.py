@@ -139,11 +139,28 @@ def test_time_to_94_and_gains_at_equal_time():
     (["--methods", "cutmix"], "runs baseline or mixtrain"),
     (["--epochs", "abc"], "--epochs must be"),
     (["--methods", "baseline(confidence=0.3)"], "takes no mixing options"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),  # was a ZeroDivisionError
 ])
 def test_the_fast_command_refuses_bad_input_with_one_error_line(argv, message, capsys, tmp_path):
     assert main(["fast", "--device", "cpu", "--out", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_debug_after_fast_shows_the_traceback(tmp_path):
+    from mixtrain import MixtrainError
+
+    with pytest.raises(MixtrainError, match="--batch-size must be at least 1"):
+        main(["fast", "--device", "cpu", "--out", str(tmp_path), "--batch-size", "-5", "--debug"])
+
+
+def test_the_fast_command_keeps_earlier_results_unless_told(capsys, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["fast", "--device", "cpu", "--out", str(tmp_path), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds results.json" in err and "--overwrite" in err
+    assert main(["fast", "--device", "cpu", "--out", str(tmp_path), "--data", "digits", "--overwrite"]) == 2
+    assert "32x32 RGB" in capsys.readouterr().err  # past the guard: refused for the data, as digits should be
 
 
 def test_the_published_precision_half_weights_and_float_batch_norm_trains_too():

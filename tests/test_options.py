@@ -186,3 +186,17 @@ def test_a_run_records_and_compares_step_scale_as_what_it_resolves_to():
     assert config_differences(TrainConfig(optimizer="adamw", mix=MixOptions(step_scale="none")),
                               TrainConfig(optimizer="adamw")) == []
     assert config_differences(none, TrainConfig()) == ["mix.step_scale: 'none' -> 'linear'"]
+
+
+def test_train_takes_mixing_options_as_a_dict_and_leaves_the_config_alone(tmp_path):
+    from mixtrain import MixtrainError, TrainConfig, train
+
+    cfg = TrainConfig(epochs=1, batch_size=256, device="cpu", progress="none", save_checkpoints=False,
+                      out=str(tmp_path / "o"))
+    m = train(cfg, method="mixtrain", mix={"quad_confidence": 0.9, "confidence": 0.4})
+    assert m["method"] == "mixtrain"
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["mix"]["quad_confidence"] == 0.9 and saved["mix"]["confidence"] == 0.4
+    assert cfg.method == TrainConfig().method and cfg.mix.quad_confidence == TrainConfig().mix.quad_confidence
+    with pytest.raises(MixtrainError, match="unknown mixing option.*'quad'"):
+        train(cfg, mix={"quad": 0.9})

@@ -101,7 +101,10 @@ def split_method(spec: str) -> tuple[str, dict]:
                 else:
                     overrides[key] = kind(value.strip())
             except ValueError:
-                raise MixtrainError(f"--methods: {key} in {spec!r} needs a {kind.__name__}, got {value!r}") from None
+                hint = "; separate options with ';', as in mixtrain(confidence=0.4;quad_confidence=0.9)" \
+                    if "=" in value else ""
+                raise MixtrainError(f"--methods: {key} in {spec!r} needs a {kind.__name__}, got {value!r}{hint}") \
+                    from None
     return name, overrides
 
 

@@ -129,12 +129,18 @@ def load(path: str) -> dict:
     """
     if not os.path.exists(path):
         raise MixtrainError(f"no checkpoint to resume from: {path}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise MixtrainError(f"checkpoint {path} is empty (0 bytes): it was not written by mixtrain, which writes "
+                            "checkpoints atomically; train afresh or restore the file")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if not names and "allowed global" not in str(e):  # not code, just bytes that are no pickle at all
+            raise MixtrainError(f"checkpoint {path} is damaged or not a checkpoint: it is not a file torch.save "
+                                "wrote (train afresh or restore the file)") from e
         what = f" ({', '.join(names)})" if names else ""
         hint = ""
         if any(n.startswith("numpy") for n in names):
@@ -144,8 +150,12 @@ def load(path: str) -> dict:
             f"checkpoint {path} is refused: it holds pickled Python objects{what} beyond tensors and plain data, "
             f"and mixtrain reads checkpoints as data only, never running code from them{hint}"
         ) from e
+    except (EOFError, RuntimeError, OSError) as e:  # cut short, a broken zip archive, a read error
+        detail = one_line(e).split(". ")[0] or type(e).__name__
+        raise MixtrainError(f"checkpoint {path} is damaged or truncated ({detail}); train afresh or restore "
+                            "the file") from e
     except Exception as e:
-        raise MixtrainError(f"checkpoint {path} is unreadable: {one_line(e)}") from e
+        raise MixtrainError(f"checkpoint {path} is unreadable: {one_line(e) or type(e).__name__}") from e
 
 
 def one_line(e: BaseException) -> str:

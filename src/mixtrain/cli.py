@@ -134,8 +134,13 @@ def train_config(args) -> "TrainConfig":
     out = stated.get("out", defaults["out"])
     if args.resume:
         saved_path = os.path.join(out, "config.json")
-        if os.path.exists(saved_path):  # without it, the options as given (the checkpoint is checked anyway)
-            saved = TrainConfig.from_dict(_merged(defaults, read_config(saved_path, "--resume: the run's", saved=True)))
+        saved_dict = None
+        if os.path.exists(saved_path):
+            saved_dict = read_config(saved_path, "--resume: the run's", saved=True)
+        elif os.path.exists(os.path.join(out, "checkpoint.pt")):  # config.json lost: the checkpoint holds them too
+            saved_dict = _checkpoint_config(os.path.join(out, "checkpoint.pt"))
+        if saved_dict is not None:
+            saved = TrainConfig.from_dict(_merged(defaults, saved_dict))
             cfg = TrainConfig.from_dict(_merged(saved.to_dict(), stated))
             diff = config_differences(saved, cfg)
             if diff:
@@ -149,6 +154,8 @@ def train_config(args) -> "TrainConfig":
             return cfg
     else:
         held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if held == ["config.json"]:  # a run that failed before its first checkpoint: nothing to continue
+            held = []
         if held and not args.overwrite:
             raise MixtrainError(
                 f"--out {out} holds a run ({', '.join(held)}): continue it with --resume, train into another --out, "
@@ -165,6 +172,18 @@ def train_config(args) -> "TrainConfig":
     cfg = TrainConfig.from_dict(_merged(defaults, stated))
     cfg.resume = bool(args.resume)
     return cfg
+
+
+def _checkpoint_config(path: str) -> dict:
+    """The options a checkpoint was trained with (its ``config``), read as data like any checkpoint."""
+    from .checkpoint import load
+
+    state = load(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict):
+        raise MixtrainError(f"cannot resume: {path} holds no options (not a mixtrain checkpoint)")
+    known = TrainConfig().to_dict()
+    return {k: v for k, v in upgrade_config(config, saved=True).items() if k in known}
 
 
 def cmd_train(args):
@@ -234,9 +253,17 @@ def cmd_prepare(args):
           f"{len(m['skipped'])} skipped, {len(m['ignored'])} ignored -> {cache.path}")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A parser whose usage errors are one ``error:`` line (and exit code 2) like every other error,
+    not the usage text; ``--help`` still prints it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(
+    p = OneLineErrors(
         prog="mixtrain",
         description="Faster image-classifier training by input mixing (MixTrain).",
         formatter_class=fmt,

@@ -545,5 +545,10 @@ def load_data(spec: str, image_size: int | None = None, workers: int = 0, cache_
     arg = os.path.expanduser(arg) if arg else None
     if kind.needs_arg and not arg:
         raise MixtrainError(f"{prefix} needs a directory, as in {kind.form}")
-    return kind.load(arg, image_size=image_size or kind.image_size or None, cache_size=cache_size,
+    if arg and ":" not in kind.form:
+        raise MixtrainError(f"{prefix} takes no directory, got {spec!r}: give --data {kind.form}")
+    data = kind.load(arg, image_size=image_size or kind.image_size or None, cache_size=cache_size,
                      cache_dir=cache_dir, workers=workers, placement=placement)
+    if data.num_classes < 2:  # one class trains to a loss of 0 and 100 % accuracy, which says nothing
+        raise MixtrainError(f"--data {spec} has {data.num_classes} class: a classifier needs at least 2")
+    return data

@@ -35,6 +35,7 @@ from .compose import Augment, Normalizer
 from .errors import MixtrainError, OptionError
 from .loss import sample_stats, separated_loss
 from .models import SpatialModel
+from .options import add_debug_option
 from .strategies import Baseline, MixOptions, MixTrain
 
 TARGET = 0.94
@@ -447,6 +448,11 @@ def cmd_fast(args):
     methods, budgets, seeds = parse_methods(args.methods), parse_budgets(args.fast_epochs), parse_seeds(args.seeds)
     for m in methods:
         parse_method(m)
+    if args.batch_size < 1:
+        raise MixtrainError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+        raise MixtrainError(f"--out {args.out} holds results.json of an earlier run: give another --out, or "
+                            "--overwrite to replace it")
     if args.pooling not in ("max", "avg"):
         raise MixtrainError(f"--pooling must be max or avg, got {args.pooling!r}")
     device = resolve_device(args.device)
@@ -485,4 +491,6 @@ def add_fast_command(sub, fmt):
     f.add_argument("--out", default="runs/fast", help="output folder")
     f.add_argument("--stop-after", type=float, default=0.0, metavar="SECONDS", help="start no run past this (0: no limit)")
     f.add_argument("--progress", default="bar", choices=("bar", "none"), help="a progress bar over the runs")
+    f.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
+    add_debug_option(f)
     f.set_defaults(func=cmd_fast)

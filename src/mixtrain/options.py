@@ -290,7 +290,8 @@ class TrainConfig:
                           resumable=True, bench=False)
     deterministic: bool = option(False, "deterministic algorithms (bit-exact repeats on the CPU)", group=LOGGING,
                                  switch=True, resumable=True, speed=True)
-    progress: str = option("auto", "auto (bar on a terminal, one line per epoch otherwise), bar, line, none",
+    progress: str = option("auto", "auto (bar on a terminal, one line per epoch otherwise), bar, line, none "
+                           "(mixtrain bench: none, one line per run, unless given)",
                            group=LOGGING, choices=("auto", "bar", "line", "none"), resumable=True)
     csv: bool = option(False, "write a per-epoch log to OUT/log.csv", group=LOGGING, switch=True, resumable=True)
     tensorboard: bool = option(False, "write TensorBoard events to OUT/tb", group=LOGGING, switch=True, resumable=True)
@@ -347,10 +348,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise OptionError("{" + name + "} must be at least 1, got {got}", got=getattr(self, name))
-        for name in ("checkpoint_every", "eval_every", "workers"):
+        for name in ("checkpoint_every", "eval_every", "workers", "seed"):
             if getattr(self, name) < 0:
                 raise OptionError("{" + name + "} must be >= 0, got {got}", got=getattr(self, name))
         _finite_at_least_0(self, "lr", "momentum", "weight_decay")
+        if not self.momentum < 1.0:
+            raise OptionError("{momentum} must be in [0, 1), got {got}", got=self.momentum)
         if not self.ddp_bucket_mb > 0 or not math.isfinite(self.ddp_bucket_mb):
             raise OptionError("{ddp_bucket_mb} must be a finite number of MB > 0, got {got}", got=self.ddp_bucket_mb)
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
@@ -516,8 +519,8 @@ def add_train_options(p: argparse.ArgumentParser, multi: bool = False):
             kw: dict = {"dest": o.dest, "default": o.default, "help": o.help_text()}
             if o.switch:
                 kw["action"] = "store_true"
-            elif isinstance(o.default, bool):
-                kw.update(type=_bool, metavar="on|off")
+            elif isinstance(o.default, bool):  # a string default goes through type=, so --help shows on/off
+                kw.update(type=_bool, metavar="on|off", default="on" if o.default else "off")
             elif isinstance(o.default, (int, float)):
                 kw["type"] = type(o.default)
             group.add_argument(o.flag, **kw)

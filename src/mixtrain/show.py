@@ -473,6 +473,9 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     if cfg.mix.scatter:  # its cells are dealt at random over the grid: there are no region borders to draw
         raise MixtrainError(f"the run in {run} trained with --scatter on: mixtrain show draws rectangular regions, "
                             "not scattered cells")
+    cfg.check()  # a bad --seed or --epochs fails here, before the pre-training run
+    if epoch > cfg.epochs:
+        raise MixtrainError(f"--epoch must be in 1..{cfg.epochs} (the schedule's epochs), got {epoch}")
     cfg, trainer = _cpu_trainer(cfg, run, data)
     dataset, strategy, memory_text, after = _loss_memory(trainer, cfg, run, state, train_samples, train_epochs, log)
 

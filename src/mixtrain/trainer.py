@@ -690,10 +690,22 @@ def _portable(opt_state: dict) -> dict:
 
 
 def train(cfg: TrainConfig | None = None, data=None, **overrides) -> dict:
-    """Run one training configuration; returns the metrics (also written to ``cfg.out``)."""
-    cfg = cfg or TrainConfig()
+    """Run one training configuration; returns the metrics (also written to ``cfg.out``).
+
+    ``overrides`` set options of ``cfg`` (a copy; ``cfg`` itself is left as it is), e.g.
+    ``train(epochs=5, method="mixtrain", mix={"quad_confidence": 0.9})``: ``mix`` may be a
+    :class:`MixOptions` or a dict of some of its fields. Unlike ``mixtrain train``, which refuses an
+    ``--out`` that holds a run unless ``--overwrite`` is given, this writes into ``cfg.out``
+    whatever is there (``resume=True`` continues the run there instead).
+    """
+    cfg = dataclasses.replace(cfg) if cfg is not None else TrainConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise MixtrainError(f"unknown training option {k!r}")
+        if k == "mix" and isinstance(v, dict):
+            unknown = sorted(set(v) - {f.name for f in dataclasses.fields(MixOptions)})
+            if unknown:
+                raise MixtrainError(f"unknown mixing option(s) {', '.join(map(repr, unknown))} in mix=")
+            v = dataclasses.replace(cfg.mix, **v)
         setattr(cfg, k, v)
     return Trainer(cfg, data).fit()
