@@ -345,6 +345,9 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path, capsys):
     assert code == 2 and "2 devices but there are 1 seeds" in err and err.count("\n") == 1
     code, err = _bench_refused(capsys, data, tmp_path / "b2", "--seeds", "2", "--devices", "cuda:0,cuda:0")
     assert code == 2 and "names cuda:0 more than once" in err
+    code, err = _bench_refused(capsys, data, tmp_path / "b3", "--seeds", "2", "--devices", "cpu,bogus")
+    assert code == 2 and "'bogus' is not a device" in err and err.count("\n") == 1
+    assert not (tmp_path / "b3" / "parts").exists()  # refused before the cpu part started
 
 
 def test_a_device_bench_child_sees_only_its_gpu():
@@ -494,3 +497,12 @@ def test_a_comma_between_method_options_gets_a_hint_to_use_semicolons():
 
     with pytest.raises(MixtrainError, match=r"needs a float, got '0.4,quad_confidence=0.8'; separate options with ';'"):
         split_method("mixtrain(confidence=0.4,quad_confidence=0.8)")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_devices_without_a_gpu_are_refused_before_any_part_starts():
+    from mixtrain.bench_devices import deal_seeds
+
+    with pytest.raises(MixtrainError, match=r"^--devices: cuda:0, cuda:1 asked for, but PyTorch sees no CUDA GPU$"):
+        deal_seeds([0, 1], ["cuda:0", "cuda:1"])
+    assert deal_seeds([0, 1, 2], ["cpu", "cpu"]) == [[0, 2], [1]]

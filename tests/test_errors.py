@@ -489,3 +489,15 @@ def test_resume_without_config_json_takes_the_checkpoints_options(npz, tmp_path,
     argv = ["train", "--resume", "--out", str(out), "--progress", "none"]  # none of the run's options given
     assert main(argv) == 0, capsys.readouterr().err
     assert "other options" not in capsys.readouterr().err
+
+
+def test_demo_checks_every_method_before_training_and_takes_variants(tmp_path, capsys):
+    assert main(["demo", "--epochs", "0", "--out", str(tmp_path / "d0")]) == 2
+    out, err = capsys.readouterr()
+    assert "training" not in out and err.strip() == "error: --epochs must be at least 1, got 0"
+    assert main(["demo", "--epochs", "2", "--methods", "baseline,mixtrain(quad_confidence=0.9)",
+                 "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "mixtrain(quad_confidence=0.9)" in out.splitlines()[-1]
+    saved = (tmp_path / "d" / "mixtrain_quad_confidence_0.9_" / "config.json").read_text()
+    assert '"quad_confidence": 0.9' in saved

@@ -15,6 +15,7 @@ sees only that GPU (``CUDA_VISIBLE_DEVICES``) and trains on ``--device cuda``. `
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,20 @@ import threading
 from .errors import MixtrainError
 
 PARTS = "parts"
+
+
+def check_devices(devices: list[str]):
+    """Every device of ``--devices`` is cpu, cuda or cuda:N, and a GPU one has a GPU to run on:
+    checked before any child starts, so no part runs for a bench that cannot finish."""
+    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
+    if bad:
+        raise MixtrainError(f"--devices: {', '.join(map(repr, bad))} is not a device; give cpu, cuda or cuda:N")
+    gpus = [d for d in devices if d.startswith("cuda")]
+    if gpus:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MixtrainError(f"--devices: {', '.join(gpus)} asked for, but PyTorch sees no CUDA GPU")
 
 
 def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:
@@ -32,6 +47,7 @@ def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:
     if len(devices) > len(seeds):
         raise MixtrainError(f"--devices names {len(devices)} devices but there are {len(seeds)} seeds: each device "
                             "runs whole seeds, so give at least one seed per device (--seeds)")
+    check_devices(devices)
     return [seeds[i :: len(devices)] for i in range(len(devices))]
 
 

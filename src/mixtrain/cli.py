@@ -203,31 +203,32 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
+    import dataclasses
+
+    from .bench import _safe, parse_methods, split_method
     from .trainer import train
 
+    configs = []
+    for spec in parse_methods(args.methods):  # as bench takes them: mixtrain(KEY=VALUE;...) too
+        name, overrides = split_method(spec)
+        cfg = TrainConfig(data="digits", method=name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, device=args.device, out=os.path.join(args.out, _safe(spec)),
+                          progress="none", save_checkpoints=False)
+        cfg.mix = dataclasses.replace(cfg.mix, **overrides)
+        cfg.check()  # every method's options before the first one trains
+        configs.append((spec, cfg))
     rows = []
-    for method in args.methods.split(","):
-        cfg = TrainConfig(
-            data="digits",
-            method=method,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            out=os.path.join(args.out, method),
-            progress="none",
-            save_checkpoints=False,
-        )
-        print(f"training {method} on digits ({args.epochs} epochs, {cfg.device})...", flush=True)
-        m = train(cfg)
-        rows.append(m)
-    base = rows[0]
+    for spec, cfg in configs:
+        print(f"training {spec} on digits ({args.epochs} epochs, {cfg.device})...", flush=True)
+        rows.append((spec, train(cfg)))
+    base = rows[0][1]
+    width = max(10, *(len(spec) for spec, _ in rows))
     print()
-    print(f"{'method':<10} {'passes':>8} {'samples':>8} {'fewer passes':>13} {'time (s)':>9} {'test acc':>9}")
-    for m in rows:
+    print(f"{'method':<{width}} {'passes':>8} {'samples':>8} {'fewer passes':>13} {'time (s)':>9} {'test acc':>9}")
+    for spec, m in rows:
         fewer = 1 - m["passes"] / base["passes"]
-        print(f"{m['method']:<10} {m['passes']:>8,} {m['samples']:>8,} {fewer:>12.0%} {m['train_seconds']:>9.1f} {m['test_accuracy']:>9.4f}")
+        print(f"{spec:<{width}} {m['passes']:>8,} {m['samples']:>8,} {fewer:>12.0%} {m['train_seconds']:>9.1f} "
+              f"{m['test_accuracy']:>9.4f}")
 
 
 def cmd_prepare(args):
@@ -306,7 +307,8 @@ def _add_train_command(sub, fmt):
 def _add_demo_command(sub, fmt):
     d = sub.add_parser("demo", help="baseline vs mixtrain on the bundled digits, on the CPU (under a minute on 2 cores)",
                        formatter_class=fmt, description="Train a small CNN on scikit-learn's digits with each method and print a table.")
-    d.add_argument("--methods", default="baseline,mixtrain", help=f"comma-separated methods ({METHODS})")
+    d.add_argument("--methods", default="baseline,mixtrain",
+                   help=f"comma-separated methods ({METHODS}), each may carry mixing options: mixtrain(KEY=VALUE;...)")
     d.add_argument("--epochs", type=int, default=30, help="epochs per method")
     d.add_argument("--batch-size", type=int, default=64, help="images per step")
     d.add_argument("--lr", type=float, default=0.05, help="peak learning rate")

@@ -26,6 +26,11 @@ from .errors import MixtrainError
 
 @dataclass
 class EpochPlan:
+    """One epoch's composition, made on the host before the epoch starts: row ``i`` is one pass
+    (one composite or one image alone) with up to ``K`` slots, each a sample, its region on the
+    feature grid, its share of the composite and its weight in the loss. Fixed shapes, so the
+    step that trains it keeps one shape all epoch."""
+
     index: np.ndarray  # [I, K] int64 sample ids (any valid id where the slot is empty)
     valid: np.ndarray  # [I, K] bool: the slot carries a sample that is trained on
     box: np.ndarray  # [I, K, 4] int16 (top, left, bottom, right) in feature-grid cells; 0-area = empty

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -337,8 +338,10 @@ def _pretrain(data, cfg, samples: int, epochs: int, log):
         warm = dataclasses.replace(cfg, method="mixtrain", epochs=epochs, batch_size=min(64, n), lr=0.05, out=tmp,
                                    mix=MixOptions(final_unmixed_epochs=0))
         log(f"pre-training: {epochs} epochs of {warm.resolved_model()} on {n} samples (CPU) to fill the loss memory ...")
-        trainer = Trainer(warm, data=part)
-        trainer.fit()
+        with warnings.catch_warnings():  # "will never mix" would speak of this helper run, not the user's
+            warnings.filterwarnings("ignore", message="mixtrain will never mix")
+            trainer = Trainer(warm, data=part)
+            trainer.fit()
     return part, trainer.strategy
 
 
