@@ -499,10 +499,10 @@ def test_a_comma_between_method_options_gets_a_hint_to_use_semicolons():
         split_method("mixtrain(confidence=0.4,quad_confidence=0.8)")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_gpu_devices_without_a_gpu_are_refused_before_any_part_starts():
-    from mixtrain.bench_devices import deal_seeds
+def test_a_variant_of_a_method_that_reads_no_mixing_options_is_refused():
+    from mixtrain.bench import split_method
 
-    with pytest.raises(MixtrainError, match=r"^--devices: cuda:0, cuda:1 asked for, but PyTorch sees no CUDA GPU$"):
-        deal_seeds([0, 1], ["cuda:0", "cuda:1"])
-    assert deal_seeds([0, 1, 2], ["cpu", "cpu"]) == [[0, 2], [1]]
+    with pytest.raises(MixtrainError, match=r"baseline takes no mixing options, got 'baseline\(confidence=0.4\)'"):
+        split_method("baseline(confidence=0.4)")  # it would train as the plain baseline under another name
+    assert split_method("infobatch(prune_ratio=0.3)") == ("infobatch", {"prune_ratio": 0.3})
+    assert split_method("cutmix(min_share=0.3)") == ("cutmix", {"min_share": 0.3})

@@ -180,6 +180,9 @@ def test_every_parameter_gets_a_gradient_with_pool_masks(name, size, chans):
 # Two processes, gloo, on the CPU
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,7 +198,13 @@ def torchrun(args: list[str], tmp_path, record_dir=None, timeout=240) -> subproc
         env[RECORD_ENV] = str(record_dir)
     # --standalone: torchrun binds a free port itself (a port picked here could be taken before it binds)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):
+        r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        # torch 2.14 on the CPU: now and then a gloo worker thread aborts the process as it exits, after
+        # destroy_process_group and all the script's work (docs/distributed.md). That teardown crash,
+        # and only it, is run once more; any other failure fails at once.
+        if r.returncode == 0 or TEARDOWN_ABORT not in r.stderr:
+            break
     assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
 

@@ -105,6 +105,8 @@ def split_method(spec: str) -> tuple[str, dict]:
                     if "=" in value else ""
                 raise MixtrainError(f"--methods: {key} in {spec!r} needs a {kind.__name__}, got {value!r}{hint}") \
                     from None
+    if overrides and not STRATEGIES[name].uses_mix_options:  # a variant that would train as the plain method
+        raise MixtrainError(f"--methods: {name} takes no mixing options, got {spec!r}")
     return name, overrides
 
 

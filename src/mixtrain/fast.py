@@ -91,8 +91,6 @@ def parse_method(spec: str) -> tuple[str, dict]:
     name, overrides = split_method(spec)
     if name not in METHODS:
         raise MixtrainError(f"the fast recipe runs {' or '.join(METHODS)}, not {name!r} (in --methods)")
-    if name == "baseline" and overrides:
-        raise MixtrainError(f"--methods: the baseline takes no mixing options, got {spec!r}")
     for key in ("step_scale", "loss_per"):
         if key in overrides:
             raise MixtrainError(f"--methods {spec!r}: the fast recipe sums each step's loss over the samples it carries, "

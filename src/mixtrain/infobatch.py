@@ -49,6 +49,7 @@ class InfoBatch(Strategy):
     name = "infobatch"
     uses_memory = True
     prunes = True
+    uses_mix_options = True  # prune_ratio, prune_until
 
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
         super().__init__(num_samples, grid, num_epochs, device)

@@ -38,6 +38,7 @@ class Strategy:
     uses_memory = False  # observe() wants per-sample losses (computed only then)
     prunes = False  # plans may leave samples out of an epoch (each epoch then carries fewer than N)
     scatter = False  # constituents on scattered cells of their whole image (MixOptions.scatter; ViTs)
+    uses_mix_options = False  # reads MixOptions (a bench variant such as mixtrain(confidence=0.4) needs it)
 
     def __init__(self, num_samples: int, grid: tuple[int, int], num_epochs: int, device="cpu"):
         self.num_samples = int(num_samples)
@@ -153,6 +154,7 @@ class _Mixing(Strategy):
     """Shared schedule of the mixing strategies: the first and the final epochs unmixed."""
 
     slots = 2
+    uses_mix_options = True
 
     def __init__(self, num_samples, grid, num_epochs, device="cpu", opts: MixOptions | None = None):
         super().__init__(num_samples, grid, num_epochs, device)
