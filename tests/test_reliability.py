@@ -279,7 +279,10 @@ def test_two_process_resume_from_mid_epoch_checkpoint(tmp_path):
     # --standalone: torchrun binds a free port itself (a port picked here could be taken before it binds)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        env=_cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    from test_distributed import TEARDOWN_ABORT
+
+    done = (tmp_path / "both.json").exists()  # written before the last barrier: all the work ran
+    assert p.returncode == 0 or (done and TEARDOWN_ABORT in p.stderr), p.stderr[-3000:]  # docs/distributed.md
     both = json.loads((tmp_path / "both.json").read_text())
     ref, got = both["ref"], both["got"]
     assert ref["world_size"] == 2 and ref["passes"] < ref["samples"]
