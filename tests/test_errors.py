@@ -501,3 +501,10 @@ def test_demo_checks_every_method_before_training_and_takes_variants(tmp_path, c
     assert "mixtrain(quad_confidence=0.9)" in out.splitlines()[-1]
     saved = (tmp_path / "d" / "mixtrain_quad_confidence_0.9_" / "config.json").read_text()
     assert '"quad_confidence": 0.9' in saved
+
+
+def test_padding_as_large_as_the_image_and_placement_on_resident_data_are_refused(npz, tmp_path, capsys):
+    code, err = run(capsys, "--pad", "16", data=f"npz:{npz}", out=tmp_path / "o")  # 16 px images
+    assert_clean_error(code, err, "--pad 16 must be below the image size, 16 px")
+    code, err = run(capsys, "--placement", "host", data=f"npz:{npz}", out=tmp_path / "o2")
+    assert_clean_error(code, err, "--placement applies only to folder:DIR data")

@@ -306,3 +306,18 @@ def test_readme_shows_each_picture_with_the_command_that_made_it():
     # the grid's size follows from the layout: 8 columns and 2 rows of 128-px digits panels
     assert png_size(root / "docs/show-digits.png") == (8 + 8 * 136, 62 + 2 * 152 + 8)
     assert png_size(root / "docs/curves-digits.png") == (800, 500)
+
+
+def test_show_reads_an_image_folder_at_the_size_and_cache_it_is_given(tmp_path, capsys):
+    from test_folder_cache import make_folder
+
+    root = make_folder(tmp_path / "photos", classes=3, per_class=6, val_per_class=2)
+    cache = tmp_path / "cache"
+    out = tmp_path / "folder.png"
+    assert main(["show", "--data", f"folder:{root}", "--image-size", "32", "--cache-dir", str(cache),
+                 "--model", "digitnet", "--train-samples", "18", "--train-epochs", "2", "--images", "4",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.exists() and any(cache.iterdir())  # the cache went where it was told, not ~/.cache
+    summary = S.show(str(tmp_path / "b.png"), data=f"folder:{root}", model="digitnet", image_size=40,
+                     cache_dir=str(cache), train_samples=18, train_epochs=2, images=4, log=lambda *_: None)
+    assert summary["image_size"] == [40, 40]

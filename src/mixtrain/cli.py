@@ -401,15 +401,16 @@ def cmd_models(args):
     for name in args.names:
         check_model_name(name)  # an unknown name is an error; one that cannot work at this size is a row
     rows = model_rows(args.names, args.image_size, args.channels)
-    print(f"{'model':<18} {'kind':<15} {'image':>9} {'grid':>6}  {'mixes':<13} {'params':>8}")
+    w = max(18, *(len(r["model"]) for r in rows)) if rows else 18  # long timm names keep the columns aligned
+    print(f"{'model':<{w}} {'kind':<15} {'image':>9} {'grid':>6}  {'mixes':<13} {'params':>8}")
     for r in rows:
         image = f"{r['image_size']}x{r['image_size']}" + (f"x{r['channels']}" if r["channels"] != 3 else "")
         if "error" in r:
-            print(f"{r['model']:<18} {r['kind']:<15} {image:>9} {'-':>6}  cannot: {r['error']}")
+            print(f"{r['model']:<{w}} {r['kind']:<15} {image:>9} {'-':>6}  cannot: {r['error']}")
             continue
         mixes = "pairs, quads" if r["quads"] else "pairs" if r["pairs"] else "no"
         grid = f"{r['grid'][0]}x{r['grid'][1]}"
-        print(f"{r['model']:<18} {r['kind']:<15} {image:>9} {grid:>6}  {mixes:<13} {r['parameters'] / 1e6:>7.2f}M")
+        print(f"{r['model']:<{w}} {r['kind']:<15} {image:>9} {grid:>6}  {mixes:<13} {r['parameters'] / 1e6:>7.2f}M")
     if not args.names:
         print("timm:NAME: any timm model whose body is spatial (mixtrain models timm:NAME --image-size S measures one)")
 

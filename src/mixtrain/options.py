@@ -370,6 +370,9 @@ class TrainConfig:
         kind = data_kind(self.data)
         size = kind.image_size if kind is not None else 0  # > 0: the data are resampled (from a cache)
         resampled = " or ".join(k.form for k in DATA_KINDS.values() if k.image_size)
+        if self.placement != "auto" and not size:
+            raise OptionError("{placement} applies only to {forms} data; {spec!r} is resident as it is",
+                              forms=resampled, spec=self.data)
         if self.cache_size and not size:
             raise OptionError("{cache_size} applies only to {forms} data; {spec!r} is used as it is",
                               forms=resampled, spec=self.data)

@@ -357,26 +357,30 @@ def _check_show_args(out: str, images: int, batch: int, columns: int, epoch: int
 
 
 def _config_to_show(run: str | None, data: str | None, model: str | None, method: str | None,
-                    epochs: int | None, seed: int | None):
-    """(TrainConfig, checkpoint state or None). With ``run``: the run's own options (``data`` may
-    read its dataset from another place; any other option given must agree with the run's).
-    Without: the defaults with the options given."""
+                    epochs: int | None, seed: int | None, image_size: int | None = None, cache_dir: str | None = None):
+    """(TrainConfig, checkpoint state or None). With ``run``: the run's own options (``data`` and
+    ``cache_dir`` may read its dataset from another place; any other option given must agree with
+    the run's). Without: the defaults with the options given."""
     from .trainer import TrainConfig
 
     if run is None:
         cfg = TrainConfig(data=data or "digits", model=model or "auto", method=method or "mixtrain",
-                          epochs=30 if epochs is None else epochs, seed=0 if seed is None else seed)
+                          epochs=30 if epochs is None else epochs, seed=0 if seed is None else seed,
+                          image_size=image_size or 0, cache_dir=cache_dir or "")
         return cfg, None
     cfg, raw, state = _read_run(run)
     cfg.model = cfg.resolved_model()  # before --data may change where the data are read from
     if model is not None:
         model = TrainConfig(model=model, data=raw.get("data", cfg.data)).resolved_model()
     for flag, given, saved in (("--model", model, cfg.model), ("--method", method, cfg.method),
-                               ("--epochs", epochs, cfg.epochs), ("--seed", seed, cfg.seed)):
+                               ("--epochs", epochs, cfg.epochs), ("--seed", seed, cfg.seed),
+                               ("--image-size", image_size, cfg.image_size)):
         if given is not None and given != saved:
             raise MixtrainError(f"{flag} {given}: the run in {run} used {saved}; leave {flag} out with --from")
     if data is not None:  # the same dataset, read from another place
         cfg.data = data
+    if cache_dir is not None:
+        cfg.cache_dir = cache_dir
     return cfg, state
 
 
@@ -461,7 +465,7 @@ def _write_grid(out: str, pixels: np.ndarray, items: list[Item], dataset, header
 def show(out: str, data: str | None = None, model: str | None = None, method: str | None = None,
          run: str | None = None, epoch: int = 0, epochs: int | None = None, seed: int | None = None,
          images: int = 16, batch: int = 1, columns: int = 8, train_samples: int = 1000, train_epochs: int = 3,
-         log=print) -> dict:
+         image_size: int | None = None, cache_dir: str | None = None, log=print) -> dict:
     """Render one planned batch of composites into ``out`` (PNG); see ``mixtrain show --help``.
 
     ``run``: a training run's folder (its config.json and checkpoint.pt give the options and the
@@ -472,7 +476,7 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     tiers, and the drawn items.
     """
     _check_show_args(out, images, batch, columns, epoch, train_samples, train_epochs)
-    cfg, state = _config_to_show(run, data, model, method, epochs, seed)
+    cfg, state = _config_to_show(run, data, model, method, epochs, seed, image_size, cache_dir)
     if cfg.mix.scatter:  # its cells are dealt at random over the grid: there are no region borders to draw
         raise MixtrainError(f"the run in {run} trained with --scatter on: mixtrain show draws rectangular regions, "
                             "not scattered cells")
@@ -498,7 +502,8 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
 
 
 def cmd_show(args):
-    given = {k: getattr(args, k, None) for k in ("data", "model", "method", "epochs", "seed")}  # None: not given
+    given = {k: getattr(args, k, None)  # None: not given
+             for k in ("data", "model", "method", "epochs", "seed", "image_size", "cache_dir")}
     summary = show(args.out, run=args.run, epoch=args.epoch, images=args.images, batch=args.batch, columns=args.columns,
                    train_samples=args.train_samples, train_epochs=args.train_epochs, **given)
     tiers = ", ".join(f"{k} {v:.0%}" for k, v in summary["tiers"].items())
@@ -527,6 +532,10 @@ def add_show_command(sub, fmt):
     s.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
                    help="epochs of the schedule, which says which epochs mix (default: 30; with --from the run's)")
     s.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of the plans and augmentation (default: 0; with --from the run's)")
+    s.add_argument("--image-size", type=int, default=argparse.SUPPRESS,
+                   help="folder data: the training resolution (default: 224; with --from the run's)")
+    s.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                   help="folder data: where decoded caches live, as for train (default: as train's; with --from the run's)")
     s.add_argument("--epoch", type=int, default=0,
                    help="epoch to plan, 1-based (0: with --from the epoch after the checkpoint, or the run's last "
                         "mixing epoch once it is past that; without, the epoch after the pre-training run, or the first "

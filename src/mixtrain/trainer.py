@@ -178,6 +178,8 @@ class Trainer:
         self.image_hw = data.image_size
         default = data.default_augment()
         pad = cfg.pad if cfg.pad >= 0 else default.pad
+        if pad >= min(self.image_hw):  # a crop of such a padded image may hold no pixel of the image at all
+            raise OptionError("{pad} {got} must be below the image size, {size} px", got=pad, size=min(self.image_hw))
         flip = cfg.flip == "on" or (cfg.flip == "auto" and default.flip)
         self.augment = dataclasses.replace(default, pad=pad, flip=flip)
         self.normalize = Normalizer(data.mean, data.std, self.device)
