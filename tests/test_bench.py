@@ -348,6 +348,9 @@ def test_bench_on_two_devices_deals_out_the_seeds_and_merges(tmp_path, capsys):
     code, err = _bench_refused(capsys, data, tmp_path / "b3", "--seeds", "2", "--devices", "cpu,bogus")
     assert code == 2 and "'bogus' is not a device" in err and err.count("\n") == 1
     assert not (tmp_path / "b3" / "parts").exists()  # refused before the cpu part started
+    from mixtrain.bench_devices import check_devices
+
+    check_devices(["auto", "cpu", "cuda", "cuda:1"])  # every name --device takes passes
 
 
 def test_a_device_bench_child_sees_only_its_gpu():

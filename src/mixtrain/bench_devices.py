@@ -26,11 +26,13 @@ PARTS = "parts"
 
 
 def check_devices(devices: list[str]):
-    """Every name in ``--devices`` is cpu, cuda or cuda:N: a typo is refused before any part starts
-    (a device that exists by name but fails in its child is reported after the others finish)."""
-    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
+    """Every name in ``--devices`` is one ``--device`` takes: a typo is refused before any part
+    starts (a device that exists by name but fails in its child is reported after the others finish)."""
+    from .distributed import CUDA_DEVICE, DEVICE_NAMES
+
+    bad = [d for d in devices if d not in ("auto", "cpu") and not re.fullmatch(CUDA_DEVICE, d)]
     if bad:
-        raise MixtrainError(f"--devices: {', '.join(map(repr, bad))} is not a device; give cpu, cuda or cuda:N")
+        raise MixtrainError(f"--devices: {', '.join(map(repr, bad))} is not a device; give {DEVICE_NAMES}")
 
 
 def deal_seeds(seeds: list[int], devices: list[str]) -> list[list[int]]:

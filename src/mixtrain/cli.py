@@ -203,18 +203,13 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    import dataclasses
-
-    from .bench import _safe, parse_methods, split_method
+    from .bench import _run_config, _safe, parse_methods
     from .trainer import train
 
+    base = TrainConfig(data="digits", batch_size=args.batch_size, lr=args.lr, device=args.device, progress="none")
     configs = []
     for spec in parse_methods(args.methods):  # as bench takes them: mixtrain(KEY=VALUE;...) too
-        name, overrides = split_method(spec)
-        cfg = TrainConfig(data="digits", method=name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, device=args.device, out=os.path.join(args.out, _safe(spec)),
-                          progress="none", save_checkpoints=False)
-        cfg.mix = dataclasses.replace(cfg.mix, **overrides)
+        cfg = _run_config(base, spec, args.epochs, args.seed, os.path.join(args.out, _safe(spec)))
         cfg.check()  # every method's options before the first one trains
         configs.append((spec, cfg))
     rows = []

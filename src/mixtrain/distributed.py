@@ -112,6 +112,10 @@ class DistInfo:
             dist.barrier()
 
 
+CUDA_DEVICE = r"cuda(?::(\d+))?"  # the --device names of GPUs: cuda, cuda:N
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(name: str) -> torch.device:
     """The ``device`` option (auto, cpu, cuda, cuda:N) as a device; an :class:`OptionError` for what
     cannot be used."""
@@ -119,9 +123,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    m = re.fullmatch(CUDA_DEVICE, name)
     if not m:
-        raise OptionError("{device} must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {got!r}", got=name)
+        raise OptionError("{device} must be " + DEVICE_NAMES + " (N = 0, 1, ...), got {got!r}", got=name)
     if not torch.cuda.is_available():
         raise OptionError("{device} {got} asked for, but PyTorch sees no CUDA GPU", got=name)
     if m.group(1) is not None:

@@ -486,9 +486,7 @@ def show(out: str, data: str | None = None, model: str | None = None, method: st
     cfg, trainer = _cpu_trainer(cfg, run, data)
     dataset, strategy, memory_text, after = _loss_memory(trainer, cfg, run, state, train_samples, train_epochs, log)
 
-    e0 = epoch - 1 if epoch else _default_epoch(strategy, after)
-    if not 0 <= e0 < cfg.epochs:
-        raise MixtrainError(f"--epoch must be in 1..{cfg.epochs} (the schedule's epochs), got {epoch}")
+    e0 = epoch - 1 if epoch else _default_epoch(strategy, after)  # in range: a given one was checked above
     plan, pixels, items, rows = _compose_batch(trainer, dataset, strategy, e0, batch - 1, images)
 
     grid = trainer.grid
